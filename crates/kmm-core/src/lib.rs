@@ -1,0 +1,9 @@
+//! Pure KMM planning logic, with no Kubernetes client and no async runtime: kernel-mapping
+//! resolution, variable substitution, the build/sign merge rules, Module validation and the
+//! names of the objects the operator creates. Everything here takes plain data and returns plain
+//! data, so it is tested with tables.
+
+pub mod kernel;
+pub mod mapping;
+pub mod subst;
+pub mod validate;
