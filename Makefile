@@ -1,18 +1,23 @@
 # kmm-rs developer entry points. `make test` is what CI runs (see .ci/run and README.md).
 
 CARGO ?= cargo
+CLUSTER_DIR ?= /tmp/kmm-rs-cluster
 
-.PHONY: test lint fmt crds lab help
+.PHONY: test lint fmt crds lab testenv cluster-up cluster-down smoke help
 
 help:
-	@echo "make test   - lint, then every test tier that is ready (what CI runs)"
-	@echo "make lint   - cargo fmt --check and clippy with warnings as errors"
-	@echo "make crds   - regenerate deploy/crds from the Rust types"
-	@echo "make lab    - run the KMM labs locally (not ready yet)"
+	@echo "make test         - lint, then every test tier that is ready (what CI runs)"
+	@echo "make lint         - cargo fmt --check and clippy with warnings as errors"
+	@echo "make crds         - regenerate deploy/crds from the Rust types"
+	@echo "make testenv      - build the control-plane binaries into the cache (once)"
+	@echo "make cluster-up   - start a local control plane with kwok in CLUSTER_DIR"
+	@echo "make cluster-down - stop it"
+	@echo "make lab          - run the KMM labs locally (not ready yet)"
 
-test: lint
-	$(CARGO) test --workspace --all-targets -- --show-output
+test: lint testenv
+	KMM_TESTENV_BIN="$$(testenv/build.sh)" $(CARGO) test --workspace --all-targets -- --show-output
 	$(CARGO) test --workspace --doc
+	testenv/check-stopped.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -23,6 +28,18 @@ fmt:
 
 crds:
 	$(CARGO) run -q -p kmm-operator -- crd --out-dir deploy/crds
+
+testenv:
+	testenv/build.sh
+
+cluster-up: testenv
+	testenv/cluster.sh up --dir $(CLUSTER_DIR)
+
+cluster-down:
+	testenv/cluster.sh down --dir $(CLUSTER_DIR)
+
+smoke: testenv
+	testenv/smoke.sh
 
 lab:
 	@echo "make lab is not ready yet: the local lab lands with the labs issue (kmmctl and labs/)." >&2
