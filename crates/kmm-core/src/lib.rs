@@ -9,3 +9,4 @@ pub mod module_plan;
 pub mod subst;
 pub mod targeting;
 pub mod validate;
+pub mod worker_pod;

@@ -115,6 +115,13 @@ pub struct ModuleImageState {
     /// Exists, DoesNotExist, NeedsBuilding or NeedsSigning.
     #[schemars(with = "String")]
     pub status: ImageState,
+    /// Why the image is in this state, as a stable word: NotFound, Unauthorized,
+    /// RegistryUnreachable, TlsError, PullFailed (kmm-rs addition).
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// What the registry or the container runtime said (kmm-rs addition).
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// Whether an image exists or what must happen to it. Unknown values read as `Unknown`.
