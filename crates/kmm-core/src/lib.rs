@@ -7,6 +7,7 @@ pub mod kernel;
 pub mod mapping;
 pub mod module_plan;
 pub mod nmc_plan;
+pub mod status;
 pub mod subst;
 pub mod targeting;
 pub mod validate;
