@@ -3,10 +3,11 @@
 CARGO ?= cargo
 CLUSTER_DIR ?= /tmp/kmm-rs-cluster
 
-.PHONY: test lint fmt crds lab testenv cluster-up cluster-down smoke help
+.PHONY: test kernel-test lint fmt crds lab testenv cluster-up cluster-down smoke help
 
 help:
 	@echo "make test         - lint, then every test tier that is ready (what CI runs)"
+	@echo "make kernel-test  - kmm-worker in a real kernel (QEMU): the tier-4 scenarios only"
 	@echo "make lint         - cargo fmt --check and clippy with warnings as errors"
 	@echo "make crds         - regenerate deploy/crds from the Rust types"
 	@echo "make testenv      - build the control-plane binaries into the cache (once)"
@@ -18,6 +19,10 @@ test: lint testenv
 	KMM_TESTENV_BIN="$$(testenv/build.sh)" $(CARGO) test --workspace --all-targets -- --show-output
 	$(CARGO) test --workspace --doc
 	testenv/check-stopped.sh
+	tests/kernel/run.sh
+
+kernel-test:
+	tests/kernel/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
