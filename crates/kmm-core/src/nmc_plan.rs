@@ -254,6 +254,12 @@ pub fn plan_nmc(
             ("Succeeded", WorkerAction::Unload) => {
                 status.remove(&key);
                 plan.delete.push(delete());
+                plan.events.push(NodeEvent {
+                    type_: "Normal",
+                    reason: wire::reason::MODULE_UNLOADED,
+                    note: format!("Module {}/{} unloaded from the kernel", key.0, key.1),
+                    module: key,
+                });
             }
             ("Succeeded", WorkerAction::Load) => {
                 status.insert(key.clone(), loaded_status(pod, node));
@@ -478,14 +484,6 @@ pub fn plan_nmc(
         plan.remove_node_labels.insert(key.clone());
         plan.remove_node_labels
             .insert(wire::module_version_ready_label(&module.0, &module.1));
-        if !status.contains_key(&module) {
-            plan.events.push(NodeEvent {
-                type_: "Normal",
-                reason: wire::reason::MODULE_UNLOADED,
-                note: format!("Module {}/{} unloaded from the kernel", module.0, module.1),
-                module,
-            });
-        }
     }
     plan.remove_node_labels
         .retain(|label| node.labels.contains_key(label));
