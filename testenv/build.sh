@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the tier-2 test control plane (kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, etcd, kwok) from the Go modules pinned in this
+# kube-scheduler, kubectl, etcd, kwok, helm) from the Go modules pinned in this
 # directory, into a cache directory keyed by the content of the pins.
 #
 #   testenv/build.sh            # builds if needed; last stdout line = bin dir
@@ -13,7 +13,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache_root="${KMM_TESTENV_CACHE:-${HOME}/.cache/kmm-rs/testenv}"
-binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok)
+binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm)
 
 # The key covers everything that decides what gets built.
 key="$(cd "$here" && cat go.mod go.sum tools.go build.sh | sha256sum | cut -c1-16)"
@@ -63,13 +63,19 @@ go build -trimpath -buildvcs=false -mod=readonly -ldflags "$ldflags" -o "${tmp}/
   k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kubectl \
   sigs.k8s.io/kwok/cmd/kwok >&2
+# helm renders the chart in deploy/helm for the install tests; its version
+# string is stamped like a release build so `helm version` is truthful.
+helm_version="$(go list -m -f '{{.Version}}' helm.sh/helm/v3)"
+go build -trimpath -buildvcs=false -mod=readonly \
+  -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=${helm_version}" \
+  -o "${tmp}/bin/helm" helm.sh/helm/v3/cmd/helm >&2
 # The etcd server module's root package is etcd's main; its default binary
 # name would be "server".
 go build -trimpath -buildvcs=false -mod=readonly -ldflags "-s -w" -o "${tmp}/bin/etcd" \
   go.etcd.io/etcd/server/v3 >&2
 
 {
-  go list -m k8s.io/kubernetes go.etcd.io/etcd/server/v3 sigs.k8s.io/kwok
+  go list -m k8s.io/kubernetes go.etcd.io/etcd/server/v3 sigs.k8s.io/kwok helm.sh/helm/v3
   go version
 } > "${tmp}/VERSIONS"
 complete "$tmp" || { echo "build.sh: a binary is missing after the build" >&2; exit 1; }

@@ -3,11 +3,15 @@
 //! names of the objects the operator creates. Everything here takes plain data and returns plain
 //! data, so it is tested with tables.
 
+pub mod build_pod;
+pub mod dtk;
 pub mod kernel;
 pub mod mapping;
 pub mod module_plan;
 pub mod nmc_plan;
+pub mod openshift_build;
 pub mod status;
+pub mod sign_pod;
 pub mod subst;
 pub mod targeting;
 pub mod validate;

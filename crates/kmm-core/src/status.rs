@@ -189,8 +189,10 @@ fn loader_conditions(
         .filter_map(|(node, n)| n.last_failure.as_ref().map(|f| (node.as_str(), f)))
         .collect();
     let image_problem = |state: &ModuleImageState| {
+        // An image being built or signed is progress, not a problem (its reason says why the
+        // build was needed).
         matches!(state.status, ImageState::DoesNotExist)
-            || !state.reason.is_empty() && state.status != ImageState::Exists
+            || !state.reason.is_empty() && state.status == ImageState::Unknown
     };
     let bad_images: Vec<&ModuleImageState> =
         inputs.images.iter().filter(|s| image_problem(s)).collect();
@@ -212,6 +214,8 @@ fn loader_conditions(
         let reason = match image.reason.as_str() {
             "Unauthorized" => "ImageUnauthorized",
             "RegistryUnreachable" | "TlsError" => "RegistryUnreachable",
+            // Set by the MIC reconciler from the ModuleBuildSignConfig outcome.
+            reason @ ("BuildFailed" | "SignFailed") => reason,
             _ => "ImageMissing",
         };
         let said = if image.message.is_empty() {
@@ -493,6 +497,13 @@ mod tests {
         };
         assert_eq!(reason(&missing), "ImageMissing");
         assert_eq!(reason(&denied), "ImageUnauthorized");
+        let failed = [ModuleImageState {
+            image: "r/a:1".into(),
+            status: ImageState::DoesNotExist,
+            reason: "BuildFailed".into(),
+            message: "build pod ns/a-build-6-1 failed: exit 1".into(),
+        }];
+        assert_eq!(reason(&failed), "BuildFailed");
     }
 
     #[test]

@@ -1,9 +1,12 @@
-//! `kmm-operator`: the kmm-rs operator binary.
+//! `kmm-operator`: the kmm-rs operator binary. `run` is the manager (reconcilers, leader
+//! election, probes, metrics), `webhook` the admission and conversion webhook server, `crd`
+//! prints the CRDs.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use kmm_operator::{run, webhook};
 
 /// Kernel Module Management operator.
 #[derive(Parser, Debug)]
@@ -15,6 +18,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the manager: the reconcilers (on the elected leader only), probes and metrics.
+    Run(run::RunArgs),
+    /// Run the validating and conversion webhook server.
+    Webhook(webhook::WebhookArgs),
     /// Print every CustomResourceDefinition as YAML, or write one file per CRD into a directory.
     Crd {
         /// Directory to write `<group>_<plural>.yaml` files into (for example `deploy/crds`).
@@ -25,9 +32,20 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // One rustls provider for the whole process (kube's client, the webhook and metrics servers).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().command {
         Command::Crd { out_dir } => write_crds(out_dir),
+        Command::Run(args) => runtime()?.block_on(run::run(args)),
+        Command::Webhook(args) => runtime()?.block_on(webhook::run(args)),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn write_crds(out_dir: Option<PathBuf>) -> anyhow::Result<()> {

@@ -8,6 +8,7 @@
 //! its own node names.
 
 mod nodes;
+pub mod registry;
 mod wait;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 pub use nodes::{FakeNode, reboot_node, set_kernel};
+pub use registry::{Registry, RegistryOptions, docker_config_secret};
 pub use wait::{WAIT_TIMEOUT, wait_for};
 
 /// Pod annotations that tell kwok how a simulated pod ends (see `testenv/kwok/stages.yaml`).
@@ -39,6 +41,9 @@ pub mod outcome {
     pub const IMAGE_PULL_BACKOFF: &str = "image-pull-backoff";
     /// Value of [`OUTCOME`]: the pod keeps running.
     pub const HOLD: &str = "hold";
+    /// A container image containing this behaves as [`IMAGE_PULL_BACKOFF`] without an
+    /// annotation (for pods that controllers create, such as image pull pods).
+    pub const MISSING_IMAGE_MARKER: &str = "/kmm-rs-test-missing/";
 }
 
 /// A running test cluster.
@@ -177,22 +182,56 @@ fn start() -> anyhow::Result<TestEnv> {
         startup_seconds,
         _watchdog: watchdog,
     };
+    // Only the generated CRD files: deploy/crds also holds a kustomization.
     let crds = root.join("deploy/crds");
-    env.kubectl(&[
-        "apply",
-        "--server-side",
-        "--field-manager=kmm-rs-testenv",
-        "-f",
-        &crds.to_string_lossy(),
-    ])?;
-    env.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd",
-        "--all",
-        "--timeout=60s",
-    ])?;
+    let mut args = vec![
+        "apply".to_owned(),
+        "--server-side".to_owned(),
+        "--field-manager=kmm-rs-testenv".to_owned(),
+    ];
+    for (file, _) in kmm_api::crds::all()? {
+        args.push("-f".to_owned());
+        args.push(crds.join(file).to_string_lossy().into_owned());
+    }
+    env.kubectl(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    wait_crds_established(&env)?;
     Ok(env)
+}
+
+/// Waits until every kmm-rs CRD is Established. Runs on a runtime of its own in a thread of its
+/// own: this is called from inside test runtimes, which cannot block on another future.
+fn wait_crds_established(env: &TestEnv) -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::runtime::wait::{await_condition, conditions};
+
+    let names: Vec<String> = kmm_api::crds::all()?
+        .into_iter()
+        .filter_map(|(_, crd)| crd.metadata.name)
+        .collect();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> anyhow::Result<()> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async {
+                    let client = env.client().await?;
+                    let api = Api::<CustomResourceDefinition>::all(client);
+                    for name in &names {
+                        let established =
+                            await_condition(api.clone(), name, conditions::is_crd_established());
+                        tokio::time::timeout(WAIT_TIMEOUT, established)
+                            .await
+                            .map_err(|_| {
+                                anyhow::anyhow!("CRD {name} not Established after {WAIT_TIMEOUT:?}")
+                            })??;
+                    }
+                    Ok(())
+                })
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the CRD wait panicked"))?
+    })
 }
 
 /// Runs `testenv/build.sh` (a no-op when the cache is complete) and returns the bin directory.

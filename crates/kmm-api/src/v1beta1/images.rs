@@ -117,10 +117,18 @@ pub struct ModuleImageState {
     pub status: ImageState,
     /// Why the image is in this state, as a stable word: NotFound, Unauthorized,
     /// RegistryUnreachable, TlsError, PullFailed (kmm-rs addition).
-    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub reason: String,
     /// What the registry or the container runtime said (kmm-rs addition).
-    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub message: String,
 }
 

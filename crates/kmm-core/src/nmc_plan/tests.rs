@@ -176,7 +176,10 @@ fn config_change_on_the_same_kernel_unloads_the_old_config_first() {
     let unloaded = pod_from(&plan.create[0], "Succeeded");
     let plan = plan_nmc(&n, &node(), &[unloaded], &settings(), &now());
     assert!(plan.status.is_empty());
-    assert_eq!(plan.events.iter().map(|e| e.reason).collect::<Vec<_>>(), ["ModuleUnloaded"]);
+    assert_eq!(
+        plan.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+        ["ModuleUnloaded"]
+    );
     assert_eq!(plan.create.len(), 1);
     assert_eq!(action_of(&plan.create[0]), "Load");
     assert_eq!(config_of(&plan.create[0]).container_image, "r/kmod:2");
