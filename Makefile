@@ -3,7 +3,7 @@
 CARGO ?= cargo
 CLUSTER_DIR ?= /tmp/kmm-rs-cluster
 
-.PHONY: test kernel-test lint fmt crds lab testenv cluster-up cluster-down smoke help
+.PHONY: test kernel-test lint fmt crds lab lab-down testenv cluster-up cluster-down smoke help
 
 help:
 	@echo "make test         - lint, then every test tier that is ready (what CI runs)"
@@ -13,13 +13,15 @@ help:
 	@echo "make testenv      - build the control-plane binaries into the cache (once)"
 	@echo "make cluster-up   - start a local control plane with kwok in CLUSTER_DIR"
 	@echo "make cluster-down - stop it"
-	@echo "make lab          - run the KMM labs locally (not ready yet)"
+	@echo "make lab          - run the KMM labs on a local cluster and print what happened (LAB=prebuilt for one)"
+	@echo "make lab-down     - stop the lab cluster, registry and operator"
 
 test: lint testenv
 	KMM_TESTENV_BIN="$$(testenv/build.sh)" $(CARGO) test --workspace --all-targets -- --show-output
 	$(CARGO) test --workspace --doc
 	testenv/check-stopped.sh
 	tests/kernel/run.sh
+	scripts/lab.sh ci
 
 kernel-test:
 	tests/kernel/run.sh
@@ -46,6 +48,10 @@ cluster-down:
 smoke: testenv
 	testenv/smoke.sh
 
-lab:
-	@echo "make lab is not ready yet: the local lab lands with the labs issue (kmmctl and labs/)." >&2
-	@exit 1
+LAB ?= all
+
+lab: testenv
+	scripts/lab.sh up --lab $(LAB)
+
+lab-down:
+	scripts/lab.sh down

@@ -260,6 +260,20 @@ EOF
     --log-level=warn
   wait_until 30 "etcd health" curl -fs --max-time 2 "${etcd_url}/health"
 
+  # Audit only ServiceAccounts outside kube-system (operators under test, e.g. to check that
+  # the shipped RBAC is minimal); metadata level, one line per request.
+  cat > "${dir}/audit-policy.yaml" <<'POLICY'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: None
+  userGroups: ["system:serviceaccounts:kube-system"]
+- level: Metadata
+  userGroups: ["system:serviceaccounts"]
+- level: None
+POLICY
+
   start kube-apiserver kube-apiserver \
     --etcd-servers="$etcd_url" \
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
@@ -280,6 +294,8 @@ EOF
     --service-account-key-file="${pki}/sa.pub" \
     --service-account-signing-key-file="${pki}/sa.key" \
     --endpoint-reconciler-type=none \
+    --audit-policy-file="${dir}/audit-policy.yaml" \
+    --audit-log-path="${dir}/logs/audit.log" --audit-log-maxsize=200 --audit-log-maxbackup=1 \
     --allow-privileged=true \
     --profiling=false \
     --v=1

@@ -216,13 +216,13 @@ pub fn dockerfile_from<'d>(
         namespace: namespace.to_owned(),
         name: name.clone(),
     })?;
-    data.get(DOCKERFILE_KEY)
-        .map(String::as_str)
-        .ok_or_else(|| BuildSignError::DockerfileKeyMissing {
+    data.get(DOCKERFILE_KEY).map(String::as_str).ok_or_else(|| {
+        BuildSignError::DockerfileKeyMissing {
             namespace: namespace.to_owned(),
             name: name.clone(),
             keys: data.keys().cloned().collect::<Vec<_>>().join(", "),
-        })
+        }
+    })
 }
 
 /// The first `build.secrets` entry for which `exists` is false, as an error.
@@ -281,10 +281,7 @@ pub fn with_tag(image: &str, tag: &str) -> String {
 
 /// kaniko's push flags (`--destination` or `--no-push`, TLS of the destination) followed by its
 /// pull TLS flags.
-pub fn kaniko_push_pull_args(
-    target: &JobTarget<'_>,
-    pull_tls: Option<&TlsOptions>,
-) -> Vec<String> {
+pub fn kaniko_push_pull_args(target: &JobTarget<'_>, pull_tls: Option<&TlsOptions>) -> Vec<String> {
     let mut args = Vec::new();
     if target.push {
         args.push("--destination".to_owned());
@@ -387,6 +384,8 @@ pub(crate) fn kaniko_pod(
                 ..Container::default()
             }],
             restart_policy: Some("Never".into()),
+            // kaniko needs no API access (kmm-rs addition: least privilege).
+            automount_service_account_token: Some(false),
             node_selector,
             tolerations: (!tolerations.is_empty()).then(|| tolerations.to_vec()),
             volumes: Some(volumes),
@@ -678,9 +677,15 @@ mod tests {
     #[test]
     fn kaniko_tag_keeps_a_registry_port() {
         let cases = [
-            ("gcr.io/kaniko-project/executor:latest", "gcr.io/kaniko-project/executor:debug"),
+            (
+                "gcr.io/kaniko-project/executor:latest",
+                "gcr.io/kaniko-project/executor:debug",
+            ),
             ("localhost:5000/kaniko", "localhost:5000/kaniko:debug"),
-            ("localhost:5000/kaniko:v1@sha256:abc", "localhost:5000/kaniko:debug"),
+            (
+                "localhost:5000/kaniko:v1@sha256:abc",
+                "localhost:5000/kaniko:debug",
+            ),
             ("kaniko", "kaniko:debug"),
         ];
         for (image, want) in cases {
@@ -733,7 +738,10 @@ mod tests {
         );
         let data = BTreeMap::from([("Dockerfile".to_owned(), "FROM a".to_owned())]);
         let err = dockerfile_from("labs", &build, Some(&data)).unwrap_err();
-        assert!(err.to_string().contains("has no key \"dockerfile\" (keys: Dockerfile)"));
+        assert!(
+            err.to_string()
+                .contains("has no key \"dockerfile\" (keys: Dockerfile)")
+        );
         let err = check_build_secrets("labs", &build, |_| false).unwrap_err();
         assert_eq!(
             err.to_string(),

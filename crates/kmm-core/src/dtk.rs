@@ -15,8 +15,7 @@ pub const IMAGE_STREAM_NAME: &str = "driver-toolkit";
 /// The tag that follows the newest release; it says nothing about a kernel.
 const LATEST: &str = "latest";
 
-static OS_VERSION: LazyLock<Option<Regex>> =
-    LazyLock::new(|| Regex::new(r"\d+\.\d+\.\d+-\d").ok());
+static OS_VERSION: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new(r"\d+\.\d+\.\d+-\d").ok());
 
 /// What a node tells about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,13 +93,19 @@ pub fn os_version(os_image: &str) -> Option<&str> {
     let found = regex.find(os_image)?;
     // The regexp ends at the first digit after the dash; keep the whole build number.
     let rest = os_image.get(found.end()..).unwrap_or_default();
-    let more = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    let more = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
     os_image.get(found.start()..found.end() + more)
 }
 
 /// The Driver Toolkit image for `kernel` (already without a trailing `+`). `tags` is `None` when
 /// the ImageStream does not exist.
-pub fn resolve(kernel: &str, nodes: &[NodeOs<'_>], tags: Option<&[DtkTag]>) -> Result<String, DtkError> {
+pub fn resolve(
+    kernel: &str,
+    nodes: &[NodeOs<'_>],
+    tags: Option<&[DtkTag]>,
+) -> Result<String, DtkError> {
     let mut running: Vec<&NodeOs<'_>> = nodes
         .iter()
         .filter(|n| crate::kernel::node_kernel(n.kernel) == kernel)
@@ -167,7 +172,10 @@ mod tests {
     #[test]
     fn os_versions_from_os_images() {
         assert_eq!(os_version(RHCOS), Some("414.92.202310170514-0"));
-        assert_eq!(os_version("RHCOS 411.86.202210072320-12"), Some("411.86.202210072320-12"));
+        assert_eq!(
+            os_version("RHCOS 411.86.202210072320-12"),
+            Some("411.86.202210072320-12")
+        );
         assert_eq!(os_version("Debian GNU/Linux 12 (bookworm)"), None);
     }
 

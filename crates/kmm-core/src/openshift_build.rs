@@ -182,9 +182,17 @@ mod tests {
             ..Build::default()
         };
         let dockerfile = "ARG DTK_AUTO\nFROM ${DTK_AUTO} AS builder\n";
-        let b = render_build(&target(&image), &build, dockerfile, Some("quay.io/dtk@sha256:1"));
+        let b = render_build(
+            &target(&image),
+            &build,
+            dockerfile,
+            Some("quay.io/dtk@sha256:1"),
+        );
         assert_eq!(b["kind"], "Build");
-        assert_eq!(b["metadata"]["name"], "kmm-ci-a-build-4-18-0-372-19-1-el8-6-x86-64");
+        assert_eq!(
+            b["metadata"]["name"],
+            "kmm-ci-a-build-4-18-0-372-19-1-el8-6-x86-64"
+        );
         assert_eq!(b["metadata"]["labels"][label::RESOURCE_TYPE], "BuildImage");
         assert!(b["metadata"]["annotations"][annotation::LAST_HASH].is_string());
         let spec = &b["spec"];
@@ -196,7 +204,13 @@ mod tests {
             .as_array()
             .unwrap()
             .iter()
-            .map(|a| format!("{}={}", a["name"].as_str().unwrap(), a["value"].as_str().unwrap()))
+            .map(|a| {
+                format!(
+                    "{}={}",
+                    a["name"].as_str().unwrap(),
+                    a["value"].as_str().unwrap()
+                )
+            })
             .collect();
         assert_eq!(
             args,
@@ -239,9 +253,14 @@ mod tests {
             sign_image: "signimage:1",
         })
         .unwrap();
-        assert_eq!(b["metadata"]["name"], "kmm-ci-a-sign-4-18-0-372-19-1-el8-6-x86-64");
+        assert_eq!(
+            b["metadata"]["name"],
+            "kmm-ci-a-sign-4-18-0-372-19-1-el8-6-x86-64"
+        );
         let dockerfile = b["spec"]["source"]["dockerfile"].as_str().unwrap();
-        assert!(dockerfile.contains("sign-file sha256 /run/secrets/key/key /run/secrets/cert/cert"));
+        assert!(
+            dockerfile.contains("sign-file sha256 /run/secrets/key/key /run/secrets/cert/cert")
+        );
         assert_eq!(b["spec"]["output"]["pushSecret"]["name"], "push");
         assert_eq!(
             b["spec"]["strategy"]["dockerStrategy"]["volumes"][0]["mounts"][0]["destinationPath"],

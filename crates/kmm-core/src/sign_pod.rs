@@ -13,8 +13,8 @@ use kmm_api::v1beta1::{BuildSignAction, ModuleImageSpec, Sign};
 use kmm_api::wire::annotation;
 
 use crate::build_pod::{
-    BuildSignError, JobTarget, content_hash, kaniko_pod, kaniko_push_pull_args,
-    repo_secret_volume, secret_volume, set_hash,
+    BuildSignError, JobTarget, content_hash, kaniko_pod, kaniko_push_pull_args, repo_secret_volume,
+    secret_volume, set_hash,
 };
 
 /// Data key of the private key in `sign.keySecret`.
@@ -25,7 +25,10 @@ pub const CERT_KEY: &str = "cert";
 const SIGN_FILE: &str = "/usr/local/bin/sign-file";
 
 /// The image to sign: the built image when the entry also builds, else `sign.unsignedImage`.
-pub fn unsigned_image<'a>(image: &'a ModuleImageSpec, sign: &'a Sign) -> Result<&'a str, BuildSignError> {
+pub fn unsigned_image<'a>(
+    image: &'a ModuleImageSpec,
+    sign: &'a Sign,
+) -> Result<&'a str, BuildSignError> {
     if image.build.is_some() {
         Ok(&image.image)
     } else if !sign.unsigned_image.is_empty() {
@@ -187,7 +190,10 @@ pub fn render_sign_pod(input: &SignPodInput<'_>) -> Result<Pod, BuildSignError> 
                     items: Some(vec![DownwardAPIVolumeFile {
                         path: "Dockerfile".into(),
                         field_ref: Some(ObjectFieldSelector {
-                            field_path: format!("metadata.annotations['{}']", annotation::DOCKERFILE),
+                            field_path: format!(
+                                "metadata.annotations['{}']",
+                                annotation::DOCKERFILE
+                            ),
                             api_version: None,
                         }),
                         ..DownwardAPIVolumeFile::default()
@@ -235,7 +241,9 @@ mod tests {
 
     fn sign(files: &[&str]) -> Sign {
         Sign {
-            key_secret: LocalObjectReference { name: "mykey".into() },
+            key_secret: LocalObjectReference {
+                name: "mykey".into(),
+            },
             cert_secret: LocalObjectReference {
                 name: "mycert".into(),
             },
@@ -278,15 +286,18 @@ mod tests {
         let image = image(true);
         let sign = sign(&["/opt/lib/modules/6.1.0-56-amd64/kmm_ci_?.ko"]);
         let pod = render_sign_pod(&input(&image, &sign, b"key")).unwrap();
-        assert_eq!(pod.metadata.name.as_deref(), Some("signed-sign-6-1-0-56-amd64"));
+        assert_eq!(
+            pod.metadata.name.as_deref(),
+            Some("signed-sign-6-1-0-56-amd64")
+        );
         let annotations = pod.metadata.annotations.clone().unwrap();
         let dockerfile = &annotations[annotation::DOCKERFILE];
         assert!(dockerfile.starts_with("FROM r/kmod:6.1 AS source\n"));
         assert!(dockerfile.contains("FROM kmm/signimage:1 AS signimage"));
         assert!(dockerfile.contains("COPY --from=source /opt /opt/opt"));
-        assert!(dockerfile.contains(
-            "for file in /opt/opt/lib/modules/6.1.0-56-amd64/kmm_ci_?.ko; do"
-        ));
+        assert!(
+            dockerfile.contains("for file in /opt/opt/lib/modules/6.1.0-56-amd64/kmm_ci_?.ko; do")
+        );
         assert!(dockerfile.contains(
             "/usr/local/bin/sign-file sha256 /run/secrets/key/key.pem /run/secrets/cert/cert.pem \"$file\""
         ));
@@ -327,7 +338,12 @@ mod tests {
             BuildSignError::NoImageToSign
         );
         let built = image(true);
-        for bad in ["/lib/modules/a.ko", "/opt", "/opt/../etc/a.ko", "/optx/a.ko"] {
+        for bad in [
+            "/lib/modules/a.ko",
+            "/opt",
+            "/opt/../etc/a.ko",
+            "/optx/a.ko",
+        ] {
             let s = sign(&[bad]);
             let err = render_sign_pod(&input(&built, &s, b"k")).unwrap_err();
             assert!(
@@ -336,8 +352,8 @@ mod tests {
             );
         }
         let data = BTreeMap::from([("tls.key".to_owned(), ByteString(b"x".to_vec()))]);
-        let err = signing_secret_data("labs", "mykey", "keySecret", KEY_KEY, Some(&data))
-            .unwrap_err();
+        let err =
+            signing_secret_data("labs", "mykey", "keySecret", KEY_KEY, Some(&data)).unwrap_err();
         assert_eq!(
             err.to_string(),
             "invalid Secret labs/mykey (sign.keySecret): key \"key\" is missing"

@@ -18,6 +18,7 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
 mod backoff;
+pub mod buildsign;
 pub mod images;
 pub mod modules;
 pub mod nodes;
@@ -436,7 +437,8 @@ pub async fn run(
         readiness,
         module_controller,
         node_controller,
-        images::run(ctx.clone())
+        images::run(ctx.clone()),
+        buildsign::run(ctx.clone())
     );
     Ok(())
 }

@@ -5,9 +5,10 @@
 //! Two ways to find out (operator config, [`ImageCheckMode`]): ask the registry directly
 //! (default; tells missing, unauthorized, unreachable and TLS problems apart), or run Go KMM's
 //! pull pods through a node's container runtime. Transient failures keep the image unknown and
-//! are retried with per-image exponential backoff; images to build or sign are left for the
-//! ModuleBuildSignConfig work.
+//! are retried with per-image exponential backoff. Images to build or sign are handed to the
+//! MIC's ModuleBuildSignConfig, whose outcomes come back as image states ([`build_sign`]).
 
+pub mod build_sign;
 pub mod plan;
 pub mod pull_pod;
 pub mod registry;
@@ -20,8 +21,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kmm_api::v1beta1::{
-    ModuleBuildSignConfig, ModuleImageSpec, ModuleImageState, ModuleImagesConfig,
-    ModuleImagesConfigStatus, TlsOptions,
+    ModuleBuildSignConfig, ModuleBuildSignConfigSpec, ModuleBuildSignImageSpec, ModuleImageSpec,
+    ModuleImageState, ModuleImagesConfig, ModuleImagesConfigStatus, TlsOptions,
 };
 use kmm_api::wire::{field_manager, label};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -55,6 +56,10 @@ pub enum Stage {
     DeletePullPod,
     /// Creating a pull pod.
     CreatePullPod,
+    /// Reading the MBSC.
+    ReadBuildSignConfig,
+    /// Writing the MBSC spec.
+    WriteBuildSignConfig,
 }
 
 impl Stage {
@@ -67,6 +72,8 @@ impl Stage {
             Stage::WriteStatus => "WriteStatus",
             Stage::DeletePullPod => "DeletePullPod",
             Stage::CreatePullPod => "CreatePullPod",
+            Stage::ReadBuildSignConfig => "ReadBuildSignConfig",
+            Stage::WriteBuildSignConfig => "WriteBuildSignConfig",
         }
     }
 }
@@ -80,6 +87,8 @@ impl std::fmt::Display for Stage {
             Stage::WriteStatus => "WriteStatus",
             Stage::DeletePullPod => "DeletePullPod",
             Stage::CreatePullPod => "CreatePullPod",
+            Stage::ReadBuildSignConfig => "ReadBuildSignConfig",
+            Stage::WriteBuildSignConfig => "WriteBuildSignConfig",
         })
     }
 }
@@ -152,6 +161,11 @@ pub async fn run_in(ctx: Arc<Context>, namespace: Option<String>) {
         watcher::Config::default().any_semantic(),
     );
     let reader = controller.store();
+    // Build and sign outcomes come back through the MBSC's status.
+    controller = controller.owns(
+        scoped::<ModuleBuildSignConfig>(client.clone(), namespace.as_deref()),
+        watcher::Config::default().any_semantic(),
+    );
     if ctx.config.image_check == ImageCheckMode::PullPod {
         controller = controller.owns(
             scoped::<Pod>(client, namespace.as_deref()),
@@ -293,9 +307,21 @@ async fn reconcile_live(
         }
     };
 
+    let in_cluster = images.iter().any(|i| i.build.is_some() || i.sign.is_some());
+    let mbsc = if in_cluster && !start.rebuild {
+        read_build_sign_config(r, mic, namespace).await?
+    } else {
+        None
+    };
+    build_sign::apply_outcomes(&images, &mut states, mbsc.as_ref());
+
     let status = plan::assemble_status(&images, &states, start.rebuild_generation);
     if mic.status.as_ref() != Some(&status) {
         write_status(r, mic, namespace, &status).await?;
+    }
+    if in_cluster {
+        let entries = build_sign::desired_entries(&images, &states, mbsc.as_ref());
+        upsert_build_sign_config(r, mic, namespace, mbsc.as_ref(), entries).await?;
     }
     // Only after the status holds the pods' results (crash safety, as in Go KMM).
     let pods_api = Api::<Pod>::namespaced(r.ctx.client.clone(), namespace);
@@ -424,6 +450,55 @@ async fn delete_build_sign_config(
         Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
         Err(source) => Err(kube_error(Stage::DeleteBuildSignConfig, mic, source)),
     }
+}
+
+async fn read_build_sign_config(
+    r: &Reconciler,
+    mic: &ModuleImagesConfig,
+    namespace: &str,
+) -> Result<Option<ModuleBuildSignConfig>, Error> {
+    Api::<ModuleBuildSignConfig>::namespaced(r.ctx.client.clone(), namespace)
+        .get_opt(&mic.name_any())
+        .await
+        .map_err(|source| kube_error(Stage::ReadBuildSignConfig, mic, source))
+}
+
+/// Writes the MBSC (same name, controlled by the MIC) when its spec differs from what the images
+/// need; an MBSC is created only when there is work for it.
+async fn upsert_build_sign_config(
+    r: &Reconciler,
+    mic: &ModuleImagesConfig,
+    namespace: &str,
+    current: Option<&ModuleBuildSignConfig>,
+    images: Vec<ModuleBuildSignImageSpec>,
+) -> Result<(), Error> {
+    let spec = ModuleBuildSignConfigSpec {
+        images,
+        image_repo_secret: mic.spec.image_repo_secret.clone(),
+        push_built_image: mic.spec.push_built_image,
+        tolerations: mic.spec.tolerations.clone(),
+    };
+    match current {
+        Some(current) if current.spec == spec => return Ok(()),
+        None if spec.images.is_empty() => return Ok(()),
+        _ => {}
+    }
+    let mut mbsc = ModuleBuildSignConfig::new(&mic.name_any(), spec);
+    mbsc.metadata.namespace = Some(namespace.to_owned());
+    mbsc.metadata.owner_references = mic.controller_owner_ref(&()).map(|o| vec![o]);
+    debug!(
+        images = mbsc.spec.images.len(),
+        "writing the ModuleBuildSignConfig"
+    );
+    Api::<ModuleBuildSignConfig>::namespaced(r.ctx.client.clone(), namespace)
+        .patch(
+            &mic.name_any(),
+            &PatchParams::apply(field_manager::MIC).force(),
+            &Patch::Apply(&mbsc),
+        )
+        .await
+        .map_err(|source| kube_error(Stage::WriteBuildSignConfig, mic, source))?;
+    Ok(())
 }
 
 /// The MIC's pull secret as credentials. A missing or unreadable Secret is not fatal: the check

@@ -1,0 +1,5 @@
+//! `kmmctl`: see the crate documentation.
+
+fn main() -> std::process::ExitCode {
+    kmmctl::cli::main()
+}
