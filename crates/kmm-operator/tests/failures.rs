@@ -4,14 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
+mod common;
+
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Event, Node, Secret};
 use kmm_api::v1beta1::{Module, NodeModulesConfig};
 use kmm_api::wire;
-use kmm_operator::controllers::{self, ControllerConfig, ImageCheckMode};
+use kmm_operator::controllers::ImageCheckMode;
 use kmm_testenv::registry::{Registry, RegistryOptions};
-use kmm_testenv::{FakeNode, TestEnv, WAIT_TIMEOUT, wait_for};
+use kmm_testenv::{FakeNode, TestEnv, wait_for};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -19,33 +21,7 @@ use serde_json::json;
 const TIMEOUT: Duration = Duration::from_secs(90);
 
 fn start_operator() {
-    static STARTED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    STARTED.get_or_init(|| {
-        let env = TestEnv::get();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let client = env.client().await.unwrap();
-                let config = ControllerConfig {
-                    worker_image: "registry.example/kmm-worker:test".into(),
-                    image_check: ImageCheckMode::Registry,
-                    ..ControllerConfig::default()
-                };
-                let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
-                let operator = tokio::spawn(controllers::run(client, config, ready_tx));
-                let _ = ready_rx.wait_for(|ready| *ready).await;
-                tx.send(()).unwrap();
-                let _ = operator.await;
-            });
-        });
-        rx.recv_timeout(WAIT_TIMEOUT)
-            .expect("the operator's caches did not sync");
-    });
+    common::start_shared_operator(common::test_controller_config(ImageCheckMode::Registry));
 }
 
 fn module(name: &str, key: &str, value: &str, image: &str, secret: Option<&str>) -> Module {

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Operator, config_file, free_port, http_get, poll};
+use common::{Operator, config_file, free_port, http_get, poll, service_account_kubeconfig};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
@@ -237,26 +237,7 @@ async fn readyz_follows_cache_sync_and_metrics_show_kmm_gauges() {
         )
         .await
         .unwrap();
-    let token = env
-        .kubectl(&["create", "token", sa_name, "-n", &ns, "--duration=1h"])
-        .unwrap();
-    let server = std::fs::read_to_string(env.dir.join("cluster.env"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("APISERVER_URL=").map(str::to_owned))
-        .unwrap();
-    let kubeconfig = env
-        .dir
-        .join(format!("{}.kubeconfig", env.unique_name("sa")));
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: u\n  user:\n    token: {}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n",
-            env.dir.join("pki/ca.crt").display(),
-            token.trim()
-        ),
-    )
-    .unwrap();
+    let kubeconfig = service_account_kubeconfig(env, &ns, sa_name);
 
     let (health, metrics) = (free_port(), free_port());
     let config = config_file(

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Operator, config_file, free_port};
+use common::{Operator, config_file, free_port, service_account_kubeconfig};
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use kmm_api::v1beta1::Module;
@@ -207,27 +207,7 @@ async fn lab3_runs_with_the_shipped_rbac_and_uses_it_all() {
         .await
         .unwrap();
 
-    // A kubeconfig with the ServiceAccount's token.
-    let token = env
-        .kubectl(&["create", "token", SA, "-n", &ns, "--duration=1h"])
-        .unwrap();
-    let server = std::fs::read_to_string(env.dir.join("cluster.env"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("APISERVER_URL=").map(str::to_owned))
-        .unwrap();
-    let kubeconfig = env
-        .dir
-        .join(format!("{}.kubeconfig", env.unique_name("sa")));
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: u\n  user:\n    token: {}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n",
-            env.dir.join("pki/ca.crt").display(),
-            token.trim()
-        ),
-    )
-    .unwrap();
+    let kubeconfig = service_account_kubeconfig(env, &ns, SA);
     let (health, metrics) = (free_port(), free_port());
     let config = config_file(
         env,

@@ -2,7 +2,7 @@
 //! dies with the test, free loopback ports, plain-HTTP probes and polling with a deadline.
 
 // Test-only helpers: a failed setup step should fail the test on the spot.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -144,4 +144,75 @@ pub fn config_file(env: &TestEnv, name: &str, text: &str) -> PathBuf {
     let path = env.dir.join(format!("{}.yaml", env.unique_name(name)));
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// Starts the reconcilers in-process, once per test binary, on a runtime of their own so that they
+/// outlive each test's runtime, and waits until their caches have synced. Tests isolate themselves
+/// by namespace, node names and selector labels.
+pub fn start_shared_operator(config: kmm_operator::controllers::ControllerConfig) {
+    static STARTED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    STARTED.get_or_init(move || {
+        let env = TestEnv::get();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let client = env.client().await.unwrap();
+                let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
+                let operator =
+                    tokio::spawn(kmm_operator::controllers::run(client, config, ready_tx));
+                let _ = ready_rx.wait_for(|ready| *ready).await;
+                tx.send(()).unwrap();
+                match operator.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => panic!("controllers stopped: {err:#}"),
+                    Err(err) => panic!("controllers panicked: {err}"),
+                }
+            });
+        });
+        rx.recv_timeout(kmm_testenv::WAIT_TIMEOUT)
+            .expect("the operator's caches did not sync");
+    });
+}
+
+/// The controller settings the in-process tests use: a placeholder worker image and the given
+/// image check.
+pub fn test_controller_config(
+    image_check: kmm_operator::controllers::ImageCheckMode,
+) -> kmm_operator::controllers::ControllerConfig {
+    kmm_operator::controllers::ControllerConfig {
+        worker_image: "registry.example/kmm-worker:test".into(),
+        image_check,
+        ..Default::default()
+    }
+}
+
+/// A kubeconfig that authenticates as ServiceAccount `sa` of `ns` (which must exist) with a
+/// one-hour token, for running the operator binary with that identity.
+pub fn service_account_kubeconfig(env: &TestEnv, ns: &str, sa: &str) -> PathBuf {
+    let token = env
+        .kubectl(&["create", "token", sa, "-n", ns, "--duration=1h"])
+        .unwrap();
+    let server = std::fs::read_to_string(env.dir.join("cluster.env"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("APISERVER_URL=").map(str::to_owned))
+        .unwrap();
+    let kubeconfig = env
+        .dir
+        .join(format!("{}.kubeconfig", env.unique_name("sa")));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: u\n  user:\n    token: {}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n",
+            env.dir.join("pki/ca.crt").display(),
+            token.trim()
+        ),
+    )
+    .unwrap();
+    kubeconfig
 }
