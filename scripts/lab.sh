@@ -27,10 +27,8 @@ LABEL_KEY="feature.kmm.lab"
 OPERATOR_NS="kmm-operator-system"
 
 # Labs this version runs, and why the others are not run.
-SUPPORTED_LABS=(prebuilt soft-dependencies in-tree-removal)
+SUPPORTED_LABS=(prebuilt soft-dependencies in-tree-removal build-multi-stage build-single-stage)
 declare -A UNSUPPORTED=(
-  [build-multi-stage]="needs in-cluster builds (ModuleBuildSignConfig)"
-  [build-single-stage]="needs in-cluster builds (ModuleBuildSignConfig)"
   [build-and-sign]="needs in-cluster builds and signing"
   [device-plugin]="needs device plugins"
   [ordered-upgrade]="needs the node-version controller (version-module node label)"
@@ -361,9 +359,10 @@ up() {
     fi
     local repo
     repo="$(lab_repo "$name")"
+    # The build labs start without an image: the operator builds it in the cluster.
     for i in "${!NODE_NAMES[@]}"; do
       ((i < NODES)) || continue
-      if lab_maps_kernel "$name" "${NODE_KERNELS[$i]}"; then
+      if [[ "$name" != build-* ]] && lab_maps_kernel "$name" "${NODE_KERNELS[$i]}"; then
         push_image "$repo" "${NODE_KERNELS[$i]}"
       fi
     done
