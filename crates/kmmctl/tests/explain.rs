@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kmm_api::v1beta1::Module;
 use kmm_api::wire;
 use kmm_operator::controllers::{self, ControllerConfig, ImageCheckMode};
@@ -218,32 +218,29 @@ async fn missing_and_unauthorized_images_are_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn image_to_build_is_reported_as_a_build_step() {
-    // This operator version records NeedsBuilding; whether a build pod follows depends on the
-    // build/sign work, so accept either the waiting or the failed build state, never "loaded".
+async fn failed_build_is_named_with_the_pod_and_its_message() {
     let case = Case::new("ex-build").await;
     let node = case.node("ex-build", "6.1.0-56-amd64", true).await;
     let image = Registry::shared().image("kmod/tobuild:1");
-    let build = json!({"build": {"dockerfileConfigMap": {"name": "dockerfile"}}});
+    let dockerfile: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "dockerfile"},
+        "data": {"dockerfile": "FROM debian:bookworm\nRUN false\n"}
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(case.client.clone(), &case.ns)
+        .create(&PostParams::default(), &dockerfile)
+        .await
+        .unwrap();
+    // kwok fails build pods with this build argument (testenv/README.md).
+    let build = json!({"build": {
+        "dockerfileConfigMap": {"name": "dockerfile"},
+        "buildArgs": [{"name": "KMM_RS_TEST_OUTCOME", "value": "fail"}]
+    }});
     case.apply(&module("kmod", &case.ns, &image, build)).await;
-    let deadline = Instant::now() + TIMEOUT;
-    let selection = Selection::One {
-        namespace: case.ns.clone(),
-        name: "kmod".into(),
-    };
-    loop {
-        let observed = observe(&case.client, &selection).await.unwrap();
-        let e = explain_module(&observed[0], &NodeScope::One(node.clone()))
-            .nodes
-            .remove(0);
-        if ["Building", "BuildFailed"].contains(&e.cause.reason.as_str()) {
-            assert!(e.cause.message.contains(&image), "{}", e.cause.message);
-            assert!(e.chain.iter().any(|s| s.check == "build"), "{e:#?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no build step: {e:#?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let e = case.explain_until("kmod", &node, "BuildFailed").await;
+    assert!(e.cause.message.contains(&image), "{}", e.cause.message);
+    assert!(e.chain.iter().any(|s| s.check == "build"), "{e:#?}");
+    assert_ne!(e.state, NodeState::Loaded);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
