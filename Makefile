@@ -3,7 +3,7 @@
 CARGO ?= cargo
 CLUSTER_DIR ?= /tmp/kmm-rs-cluster
 
-.PHONY: test kernel-test lint fmt crds lab lab-down testenv cluster-up cluster-down smoke help
+.PHONY: test kernel-test lint fmt crds lab lab-down testenv cluster-up cluster-down smoke help bench
 
 help:
 	@echo "make test         - lint, then every test tier that is ready (what CI runs)"
@@ -15,6 +15,7 @@ help:
 	@echo "make cluster-down - stop it"
 	@echo "make lab          - run the KMM labs on a local cluster and print what happened (LAB=prebuilt for one)"
 	@echo "make lab-down     - stop the lab cluster, registry and operator"
+	@echo "make bench        - scale and cost benchmark (BENCH_NODES=500 BENCH_MODULES=10 BENCH_KERNELS=3; bench/report.md)"
 
 test: lint testenv
 	KMM_TESTENV_BIN="$$(testenv/build.sh)" $(CARGO) test --workspace --all-targets -- --show-output
@@ -55,3 +56,7 @@ lab: testenv
 
 lab-down:
 	scripts/lab.sh down
+
+# Scale and cost benchmark (bench/bench.py): never part of `make test`.
+bench: testenv
+	bench/bench.py run

@@ -27,11 +27,10 @@ LABEL_KEY="feature.kmm.lab"
 OPERATOR_NS="kmm-operator-system"
 
 # Labs this version runs, and why the others are not run.
-SUPPORTED_LABS=(prebuilt soft-dependencies in-tree-removal build-multi-stage build-single-stage)
+SUPPORTED_LABS=(prebuilt soft-dependencies in-tree-removal build-multi-stage build-single-stage device-plugin)
 declare -A UNSUPPORTED=(
   [build-and-sign]="needs in-cluster builds and signing"
-  [device-plugin]="needs device plugins"
-  [ordered-upgrade]="needs the node-version controller (version-module node label)"
+  [ordered-upgrade]="a step-by-step lab (relabel nodes one at a time): follow labs/ordered-upgrade/README.md"
 )
 ALL_LABS=(prebuilt soft-dependencies in-tree-removal ordered-upgrade build-multi-stage build-single-stage build-and-sign device-plugin)
 
@@ -222,6 +221,7 @@ lab_repo() {
     prebuilt) echo "kmm-labs/kmm-ci-a" ;;
     soft-dependencies) echo "kmm-labs/kmm-ci-ab" ;;
     in-tree-removal) echo "kmm-labs/kmm-ci-replace" ;;
+    device-plugin) echo "kmm-labs/kmm-ci-device" ;;
   esac
 }
 lab_maps_kernel() {

@@ -4,6 +4,7 @@
 //! data, so it is tested with tables.
 
 pub mod build_pod;
+pub mod device_plugin;
 pub mod dtk;
 pub mod kernel;
 pub mod mapping;
@@ -15,4 +16,5 @@ pub mod status;
 pub mod subst;
 pub mod targeting;
 pub mod validate;
+pub mod version_labels;
 pub mod worker_pod;

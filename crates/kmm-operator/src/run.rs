@@ -254,14 +254,21 @@ async fn aggregate_readiness(
     mut controllers: watch::Receiver<bool>,
     ready: watch::Sender<bool>,
 ) {
+    // A sender that is gone (its task finished) keeps its last value; only when all three are gone
+    // is there nothing left to follow. Returning on the first closed channel would freeze
+    // readiness at whatever it was then.
+    let (mut caches_open, mut leader_open, mut controllers_open) = (true, true, true);
     loop {
         let now = *caches.borrow_and_update()
             && (!*leader.borrow_and_update() || *controllers.borrow_and_update());
         ready.send_if_modified(|r| std::mem::replace(r, now) != now);
+        if !(caches_open || leader_open || controllers_open) {
+            return;
+        }
         tokio::select! {
-            r = caches.changed() => if r.is_err() { return },
-            r = leader.changed() => if r.is_err() { return },
-            r = controllers.changed() => if r.is_err() { return },
+            r = caches.changed(), if caches_open => caches_open = r.is_ok(),
+            r = leader.changed(), if leader_open => leader_open = r.is_ok(),
+            r = controllers.changed(), if controllers_open => controllers_open = r.is_ok(),
         }
     }
 }

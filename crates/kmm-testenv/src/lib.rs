@@ -160,19 +160,31 @@ fn start() -> anyhow::Result<TestEnv> {
         .context("starting the cluster watchdog (setsid, sh)")?;
 
     let started = std::time::Instant::now();
-    let status = Command::new(&cluster_sh)
-        .arg("up")
-        .arg("--dir")
-        .arg(&dir)
-        .env("KMM_TESTENV_BIN", &bin_dir)
-        .stdout(Stdio::null())
-        .status()
-        .context("running testenv/cluster.sh up")?;
-    if !status.success() {
-        bail!(
-            "testenv/cluster.sh up --dir {} failed ({status}); see its output above",
-            dir.display()
-        );
+    // Ports are picked free by the kernel and then handed to the components, so another process
+    // can take one in between; `up` stops everything it started when a component exits, and one
+    // more attempt (with new ports) gets past such a collision.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let status = Command::new(&cluster_sh)
+            .arg("up")
+            .arg("--dir")
+            .arg(&dir)
+            .env("KMM_TESTENV_BIN", &bin_dir)
+            .stdout(Stdio::null())
+            .status()
+            .context("running testenv/cluster.sh up")?;
+        if status.success() {
+            break;
+        }
+        if attempt == 2 {
+            bail!(
+                "testenv/cluster.sh up --dir {} failed twice ({status}); see its output above",
+                dir.display()
+            );
+        }
+        eprintln!("testenv: cluster.sh up failed ({status}); trying once more");
+        let _ = std::fs::remove_dir_all(&dir);
     }
     let startup_seconds = started.elapsed().as_secs_f64();
     let env = TestEnv {

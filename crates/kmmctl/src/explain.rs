@@ -651,6 +651,30 @@ fn walk_image(
             }
             chain.step("image state", Outcome::Ok, format!("{image} exists"));
         }
+        // A failed build or sign leaves the image missing: name the failed step, not the image.
+        ImageState::DoesNotExist if build_result == Some(BuildSignResult::Failure) => {
+            summary.image_state = Some("build failed".into());
+            walk_build_sign(
+                observed,
+                resolved,
+                BuildSignAction::BuildImage,
+                build_result,
+                chain,
+                summary,
+            );
+        }
+        ImageState::DoesNotExist if sign_result == Some(BuildSignResult::Failure) => {
+            summary.image_state = Some("found (unsigned)".into());
+            summary.signing = Some("sign failed".into());
+            walk_build_sign(
+                observed,
+                resolved,
+                BuildSignAction::SignImage,
+                sign_result,
+                chain,
+                summary,
+            );
+        }
         ImageState::DoesNotExist => {
             summary.image_state = Some("missing".into());
             chain.fail(

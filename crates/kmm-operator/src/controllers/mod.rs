@@ -19,10 +19,12 @@ use kube::{Resource, ResourceExt};
 
 mod backoff;
 pub mod buildsign;
+pub mod device_plugin;
 pub mod images;
 pub mod modules;
 pub mod nodes;
 mod stores;
+pub mod versions;
 
 /// How the operator checks that a module image exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -294,8 +296,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let ctx = Arc::new(Context::new(client.clone(), config));
     let cfg = || watcher::Config::default().any_semantic();
-    let modules = stores::watch(Api::<Module>::all(client.clone()), cfg(), 2);
-    let nodes = stores::watch(Api::<Node>::all(client.clone()), cfg(), 2);
+    let modules = stores::watch(Api::<Module>::all(client.clone()), cfg(), 3);
+    let nodes = stores::watch(Api::<Node>::all(client.clone()), cfg(), 4);
     let nmcs = stores::watch(Api::<NodeModulesConfig>::all(client.clone()), cfg(), 2);
     let mics = stores::watch(Api::<ModuleImagesConfig>::all(client.clone()), cfg(), 2);
     let pods = stores::watch(
@@ -317,8 +319,19 @@ pub async fn run(
         mics.driver,
         pods.driver,
     ]);
-    let [module_trigger_m, module_trigger_n] = take2(modules.triggers)?;
-    let [node_trigger_m, node_trigger_n] = take2(nodes.triggers)?;
+    let mut module_triggers = modules.triggers;
+    let module_trigger_dp = module_triggers
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("no module trigger for the device plugins"))?;
+    let [module_trigger_m, module_trigger_n] = take2(module_triggers)?;
+    let mut node_triggers = nodes.triggers;
+    let node_trigger_dp = node_triggers
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("no node trigger for the device plugins"))?;
+    let node_trigger_v = node_triggers
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("no node trigger for the version labels"))?;
+    let [node_trigger_m, node_trigger_n] = take2(node_triggers)?;
     let [nmc_trigger_m, nmc_trigger_n] = take2(nmcs.triggers)?;
     let [mic_trigger_m, mic_trigger_n] = take2(mics.triggers)?;
     let pod_trigger = pods
@@ -432,8 +445,35 @@ pub async fn run(
             )
             .for_each(log_result("node"));
 
+    // Device plugin and DRA pods: readiness labels, and the ordered upgrade waits for them.
+    let plugin_pods = stores::watch(
+        Api::<Pod>::all(client.clone()),
+        cfg().labels(&device_plugin::plugin_pod_selector()),
+        2,
+    );
+    let [plugin_pod_trigger_dp, plugin_pod_trigger_v] = take2(plugin_pods.triggers)?;
+
     tokio::join!(
         drivers,
+        plugin_pods.driver,
+        versions::run(
+            ctx.clone(),
+            shared.nodes.clone(),
+            relevant_node_changes(node_trigger_v),
+            plugin_pods.store.clone(),
+            plugin_pod_trigger_v,
+        ),
+        device_plugin::run(
+            ctx.clone(),
+            device_plugin::Inputs {
+                modules: shared.modules.clone(),
+                nodes: shared.nodes.clone(),
+                pods: plugin_pods.store,
+                module_trigger: module_trigger_dp,
+                node_trigger: node_trigger_dp,
+                pod_trigger: plugin_pod_trigger_dp,
+            },
+        ),
         readiness,
         module_controller,
         node_controller,

@@ -291,7 +291,21 @@ async fn write_status(
     if previous == status {
         return Ok(());
     }
-    let patch = json!({"status": status});
+    // Only the parts this reconciler owns: `devicePlugin` and `dra` belong to their reconcilers,
+    // and a copy from a stale cache must not overwrite them.
+    let mut owned = serde_json::to_value(status).unwrap_or_default();
+    if let Some(fields) = owned.as_object_mut() {
+        fields.remove("devicePlugin");
+        fields.remove("dra");
+        // Merge patches drop keys that are absent; say "no value" explicitly instead.
+        fields
+            .entry("imageRebuildTriggerGeneration")
+            .or_insert(serde_json::Value::Null);
+        fields
+            .entry("conditions")
+            .or_insert(serde_json::Value::Null);
+    }
+    let patch = json!({ "status": owned });
     api.patch_status(name, &params(), &Patch::Merge(&patch))
         .await?;
     Ok(())

@@ -29,8 +29,6 @@ where
     pub driver: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
-const CHANNEL_CAPACITY: usize = 1024;
-
 /// Watches `api` with `config` and fans every created, changed or deleted object out to
 /// `consumers` trigger streams.
 pub fn watch<K>(api: Api<K>, config: watcher::Config, consumers: usize) -> Watched<K>
@@ -39,8 +37,10 @@ where
     K::DynamicType: Default + Hash + Eq + Clone + Send + Sync,
 {
     let (store, writer) = reflector::store();
+    // Unbounded: a consumer that is busy must never hold up the watch (and with it the cache
+    // every reconciler reads); the controllers drain their triggers into deduplicating queues.
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..consumers)
-        .map(|_| mpsc::channel::<Result<K, watcher::Error>>(CHANNEL_CAPACITY))
+        .map(|_| mpsc::unbounded_channel::<Result<K, watcher::Error>>())
         .unzip();
     let events =
         reflector::reflector(writer, watcher(api, config).default_backoff()).touched_objects();
@@ -51,7 +51,7 @@ where
                 Ok(object) => {
                     for sender in &senders {
                         // A consumer that is gone (shutting down) is not an error.
-                        let _ = sender.send(Ok(object.clone())).await;
+                        let _ = sender.send(Ok(object.clone()));
                     }
                 }
                 Err(err) => {
