@@ -209,8 +209,23 @@ healthz() { curl -fsk --max-time 2 "https://127.0.0.1:$1/healthz"; }
 
 # --- commands -----------------------------------------------------------------
 
+# The tools this script runs besides the built binaries; on a fresh Debian machine some may be
+# missing, so install them (root only) rather than fail half-way.
+ensure_tools() {
+  local missing=() tool
+  for tool in openssl:openssl curl:curl python3:python3 setsid:util-linux; do
+    command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+  done
+  ((${#missing[@]})) || return 0
+  [[ "$(id -u)" == 0 ]] || { log "missing tools: ${missing[*]} (install them with apt-get)"; exit 1; }
+  log "installing ${missing[*]} (apt-get)"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
+}
+
 up() {
   started=()
+  ensure_tools
   if pid_of kube-apiserver >/dev/null && [[ -f "${dir}/kubeconfig" ]]; then
     log "already running in ${dir}"
     echo "export KUBECONFIG=${dir}/kubeconfig"
