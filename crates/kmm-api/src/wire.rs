@@ -105,6 +105,27 @@ pub mod resource_type {
     pub const SIGN: &str = "SignImage";
 }
 
+/// Why a module image is not usable, as the MIC records it (`imagesStates[].reason`, kmm-rs
+/// addition); read by the Module status and by `kmmctl explain`.
+pub mod image_reason {
+    /// The registry does not have the image (or the one-time pull pod could not pull it).
+    pub const NOT_FOUND: &str = "NotFound";
+    /// The registry refused the credentials (401/403).
+    pub const UNAUTHORIZED: &str = "Unauthorized";
+    /// Connection refused, DNS failure or timeout.
+    pub const REGISTRY_UNREACHABLE: &str = "RegistryUnreachable";
+    /// The TLS handshake failed (certificate, or HTTP/HTTPS mismatch).
+    pub const TLS_ERROR: &str = "TlsError";
+    /// The registry answered with an error that says nothing about the image (5xx, 429, ...).
+    pub const REGISTRY_ERROR: &str = "RegistryError";
+    /// The image reference cannot be parsed.
+    pub const INVALID_IMAGE: &str = "InvalidImage";
+    /// An until-success pull pod cannot pull the image yet.
+    pub const PULL_FAILED: &str = "PullFailed";
+    /// A pull pod ended Failed or Unknown; it is deleted and the pull retried.
+    pub const PULL_POD_FAILED: &str = "PullPodFailed";
+}
+
 /// Event reasons.
 pub mod reason {
     /// A module was loaded on a node.

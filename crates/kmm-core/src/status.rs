@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kmm_api::v1beta1::{DaemonSetStatus, ImageState, ModuleImageState};
+use kmm_api::wire::image_reason;
 
 use crate::module_plan::{ModulePlan, NodeDecision};
 
@@ -212,8 +213,8 @@ fn loader_conditions(
         })
     } else if let Some(image) = bad_images.first() {
         let reason = match image.reason.as_str() {
-            "Unauthorized" => "ImageUnauthorized",
-            "RegistryUnreachable" | "TlsError" => "RegistryUnreachable",
+            image_reason::UNAUTHORIZED => "ImageUnauthorized",
+            image_reason::REGISTRY_UNREACHABLE | image_reason::TLS_ERROR => "RegistryUnreachable",
             // Set by the MIC reconciler from the ModuleBuildSignConfig outcome.
             reason @ ("BuildFailed" | "SignFailed") => reason,
             _ => "ImageMissing",

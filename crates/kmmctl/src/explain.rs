@@ -714,7 +714,7 @@ fn walk_image(
             );
         }
         ImageState::Unknown => match state.reason.as_str() {
-            "Unauthorized" => {
+            kmm_api::wire::image_reason::UNAUTHORIZED => {
                 summary.image_state = Some("unauthorized".into());
                 let fix = match &secret {
                     Some(secret) => format!(
@@ -732,7 +732,8 @@ fn walk_image(
                     fix,
                 );
             }
-            "RegistryUnreachable" | "TlsError" => {
+            kmm_api::wire::image_reason::REGISTRY_UNREACHABLE
+            | kmm_api::wire::image_reason::TLS_ERROR => {
                 summary.image_state = Some("unreachable".into());
                 chain.fail(
                     "image state",

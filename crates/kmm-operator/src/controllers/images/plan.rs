@@ -9,25 +9,7 @@ use kmm_api::v1beta1::{
     ModuleImagesConfigStatus,
 };
 
-/// The `reason` words of an image state (kmm-rs addition to the MIC status).
-pub mod reason {
-    /// The registry does not have the image (or the one-time pull pod could not pull it).
-    pub const NOT_FOUND: &str = "NotFound";
-    /// The registry refused the credentials (401/403).
-    pub const UNAUTHORIZED: &str = "Unauthorized";
-    /// Connection refused, DNS failure or timeout.
-    pub const REGISTRY_UNREACHABLE: &str = "RegistryUnreachable";
-    /// The TLS handshake failed (certificate, or HTTP/HTTPS mismatch).
-    pub const TLS_ERROR: &str = "TlsError";
-    /// The registry answered with an error that says nothing about the image (5xx, 429, ...).
-    pub const REGISTRY_ERROR: &str = "RegistryError";
-    /// The image reference cannot be parsed.
-    pub const INVALID_IMAGE: &str = "InvalidImage";
-    /// An until-success pull pod cannot pull the image yet.
-    pub const PULL_FAILED: &str = "PullFailed";
-    /// A pull pod ended Failed or Unknown; it is deleted and the pull retried.
-    pub const PULL_POD_FAILED: &str = "PullPodFailed";
-}
+pub use kmm_api::wire::image_reason as reason;
 
 /// What one check (a registry request or a pull pod) found out about one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
