@@ -11,6 +11,7 @@ pub mod mapping;
 pub mod module_plan;
 pub mod nmc_plan;
 pub mod openshift_build;
+pub mod preflight;
 pub mod sign_pod;
 pub mod status;
 pub mod subst;

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Taint;
 use kmm_api::v1beta1::{
-    ImageState, Module, ModuleConfig, ModuleImageSpec, ModuleItem, ModuleLoaderSpec, NodeModuleSpec,
+    ImageState, Module, ModuleConfig, ModuleImageSpec, ModuleImagesConfigSpec, ModuleItem,
+    ModuleLoaderSpec, NodeModuleSpec,
 };
 use kmm_api::wire;
 
@@ -225,7 +226,31 @@ pub fn plan_module(
     plan
 }
 
-fn image_spec(resolved: &ResolvedMapping, loader: &ModuleLoaderSpec) -> ModuleImageSpec {
+/// The ModuleImagesConfig spec that checks (and builds and signs) `images` for `module`: the
+/// Module's pull secret and pull policy, its tolerations plus the internal ones.
+pub fn images_config_spec(
+    module: &Module,
+    loader: &ModuleLoaderSpec,
+    images: Vec<ModuleImageSpec>,
+    push_built_image: bool,
+    image_rebuild_trigger_generation: Option<i64>,
+) -> ModuleImagesConfigSpec {
+    ModuleImagesConfigSpec {
+        images,
+        image_repo_secret: module.spec.image_repo_secret.clone(),
+        image_pull_policy: if loader.container.image_pull_policy.is_empty() {
+            kmm_api::v1beta1::DEFAULT_PULL_POLICY.to_owned()
+        } else {
+            loader.container.image_pull_policy.clone()
+        },
+        push_built_image,
+        image_rebuild_trigger_generation,
+        tolerations: module.spec.tolerations.clone(),
+    }
+}
+
+/// The ModuleImagesConfig entry of a resolved mapping.
+pub(crate) fn image_spec(resolved: &ResolvedMapping, loader: &ModuleLoaderSpec) -> ModuleImageSpec {
     ModuleImageSpec {
         image: resolved.container_image.clone(),
         kernel_version: resolved.kernel.clone(),

@@ -213,7 +213,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The reconcilers, only on the leader.
     let lead = {
         let client = client.clone();
-        move || controllers::run(client, controller_config, controllers_tx)
+        let reconcile_metrics = metrics.reconcile.clone();
+        move || controllers::run_with(client, controller_config, controllers_tx, reconcile_metrics)
     };
     let outcome = if file.leader_election.enabled {
         let le = &file.leader_election;

@@ -338,6 +338,24 @@ async fn readyz_follows_cache_sync_and_metrics_show_kmm_gauges() {
             "{gauge} missing"
         );
     }
+    // The Module reconciler's passes are counted under controller-runtime's names.
+    poll(WAIT_TIMEOUT, "Module reconcile passes counted", || async {
+        metric_line(
+            metrics,
+            "controller_runtime_reconcile_total{controller=\"module\",result=\"success\"}",
+        )
+        .await
+        .filter(|line| !line.ends_with(" 0"))
+    })
+    .await;
+    assert!(
+        metric_line(
+            metrics,
+            "controller_runtime_reconcile_time_seconds_count{controller=\"module\"}"
+        )
+        .await
+        .is_some()
+    );
 
     Api::<Module>::namespaced(client.clone(), &ns)
         .delete("gauge", &DeleteParams::default())

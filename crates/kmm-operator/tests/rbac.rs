@@ -58,6 +58,11 @@ const KEPT_FOR_OTHER_FEATURES: &[(&str, &str, &str)] = &[
         "in-cluster build and sign",
     ),
     (
+        "kmm.sigs.x-k8s.io/preflightvalidations/status",
+        "*",
+        "PreflightValidation verdicts (Lab 3 has none)",
+    ),
+    (
         "coordination.k8s.io/leases",
         "update",
         "renewing the Lease (runs longer than the renew period)",

@@ -44,8 +44,14 @@ pub struct DevicePluginReconciler {
 }
 
 impl super::Reconciler for DevicePluginReconciler {
+    const NAME: &'static str = "device-plugin";
+
     fn backoff(&self) -> &backoff::Backoff {
         &self.backoff
+    }
+
+    fn context(&self) -> &Context {
+        &self.ctx
     }
 }
 
@@ -62,8 +68,14 @@ pub struct PodNodeLabeler {
 }
 
 impl super::Reconciler for PodNodeLabeler {
+    const NAME: &'static str = "device-plugin-label";
+
     fn backoff(&self) -> &backoff::Backoff {
         &self.backoff
+    }
+
+    fn context(&self) -> &Context {
+        &self.ctx
     }
 }
 

@@ -17,12 +17,15 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
+use crate::metrics::{PassResult, ReconcileMetrics};
+
 mod backoff;
 pub mod buildsign;
 pub mod device_plugin;
 pub mod images;
 pub mod modules;
 pub mod nodes;
+pub mod preflight;
 mod stores;
 pub mod versions;
 
@@ -86,6 +89,8 @@ pub struct Context {
     pub config: ControllerConfig,
     /// Identity of the operator in the Events it emits.
     pub reporter: kube::runtime::events::Reporter,
+    /// Reconcile pass counts and durations.
+    pub metrics: ReconcileMetrics,
 }
 
 impl std::fmt::Debug for Context {
@@ -107,6 +112,7 @@ impl Context {
             client,
             config,
             reporter,
+            metrics: ReconcileMetrics::default(),
         }
     }
 }
@@ -246,10 +252,46 @@ fn log_result<K: Resource, E: std::fmt::Display>(
     }
 }
 
-/// What a reconciler context offers the shared error policy.
+/// What a reconciler context offers the shared error policy and pass accounting.
 pub trait Reconciler {
+    /// The controller's name in metrics.
+    const NAME: &'static str;
     /// The per-object backoff.
     fn backoff(&self) -> &backoff::Backoff;
+    /// The shared context.
+    fn context(&self) -> &Context;
+}
+
+/// Runs `pass` and records it in the reconcile metrics as a pass of `controller`.
+async fn counted<E>(
+    metrics: &ReconcileMetrics,
+    controller: &'static str,
+    pass: impl std::future::Future<Output = Result<Action, E>>,
+) -> Result<Action, E> {
+    let started = std::time::Instant::now();
+    let result = pass.await;
+    observe_pass(
+        metrics,
+        controller,
+        result.as_ref().map_err(|_| ()),
+        started,
+    );
+    result
+}
+
+/// Records a pass in the reconcile metrics.
+fn observe_pass(
+    metrics: &ReconcileMetrics,
+    controller: &'static str,
+    outcome: Result<&Action, ()>,
+    started: std::time::Instant,
+) {
+    let result = match outcome {
+        Err(()) => PassResult::Error,
+        Ok(action) if *action == Action::await_change() => PassResult::Success,
+        Ok(_) => PassResult::RequeueAfter,
+    };
+    metrics.observe(controller, result, started.elapsed().as_secs_f64());
 }
 
 fn object_key<K: Resource<DynamicType = ()>>(object: &K) -> String {
@@ -273,14 +315,14 @@ fn error_policy<K: Resource<DynamicType = ()>, C: Reconciler>(
     Action::requeue(delay)
 }
 
-/// Runs a reconcile pass and resets the object's backoff when it succeeds.
+/// Runs a reconcile pass, counts it, and resets the object's backoff when it succeeds.
 async fn with_backoff<K, C, F>(object: Arc<K>, ctx: Arc<C>, pass: F) -> Result<Action, Error>
 where
     K: Resource<DynamicType = ()>,
     C: Reconciler,
     F: std::future::Future<Output = Result<Action, Error>>,
 {
-    let result = pass.await;
+    let result = counted(&ctx.context().metrics, C::NAME, pass).await;
     if result.is_ok() {
         ctx.backoff().succeeded(&object_key(object.as_ref()));
     }
@@ -294,12 +336,25 @@ pub async fn run(
     config: ControllerConfig,
     ready: tokio::sync::watch::Sender<bool>,
 ) -> anyhow::Result<()> {
-    let ctx = Arc::new(Context::new(client.clone(), config));
+    run_with(client, config, ready, ReconcileMetrics::default()).await
+}
+
+/// [`run`], counting reconcile passes in `metrics` (registered by the caller).
+pub async fn run_with(
+    client: kube::Client,
+    config: ControllerConfig,
+    ready: tokio::sync::watch::Sender<bool>,
+    metrics: ReconcileMetrics,
+) -> anyhow::Result<()> {
+    let ctx = Arc::new(Context {
+        metrics,
+        ..Context::new(client.clone(), config)
+    });
     let cfg = || watcher::Config::default().any_semantic();
-    let modules = stores::watch(Api::<Module>::all(client.clone()), cfg(), 3);
+    let modules = stores::watch(Api::<Module>::all(client.clone()), cfg(), 4);
     let nodes = stores::watch(Api::<Node>::all(client.clone()), cfg(), 4);
     let nmcs = stores::watch(Api::<NodeModulesConfig>::all(client.clone()), cfg(), 2);
-    let mics = stores::watch(Api::<ModuleImagesConfig>::all(client.clone()), cfg(), 2);
+    let mics = stores::watch(Api::<ModuleImagesConfig>::all(client.clone()), cfg(), 3);
     let pods = stores::watch(
         Api::<Pod>::all(client.clone()),
         cfg().labels(wire::label::WORKER_ACTION),
@@ -320,6 +375,9 @@ pub async fn run(
         pods.driver,
     ]);
     let mut module_triggers = modules.triggers;
+    let module_trigger_pf = module_triggers
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("no module trigger for the preflight validations"))?;
     let module_trigger_dp = module_triggers
         .pop()
         .ok_or_else(|| anyhow::anyhow!("no module trigger for the device plugins"))?;
@@ -333,7 +391,11 @@ pub async fn run(
         .ok_or_else(|| anyhow::anyhow!("no node trigger for the version labels"))?;
     let [node_trigger_m, node_trigger_n] = take2(node_triggers)?;
     let [nmc_trigger_m, nmc_trigger_n] = take2(nmcs.triggers)?;
-    let [mic_trigger_m, mic_trigger_n] = take2(mics.triggers)?;
+    let mut mic_triggers = mics.triggers;
+    let mic_trigger_pf = mic_triggers.pop().ok_or_else(|| {
+        anyhow::anyhow!("no ModuleImagesConfig trigger for the preflight validations")
+    })?;
+    let [mic_trigger_m, mic_trigger_n] = take2(mic_triggers)?;
     let pod_trigger = pods
         .triggers
         .into_iter()
@@ -472,6 +534,15 @@ pub async fn run(
                 module_trigger: module_trigger_dp,
                 node_trigger: node_trigger_dp,
                 pod_trigger: plugin_pod_trigger_dp,
+            },
+        ),
+        preflight::run(
+            ctx.clone(),
+            preflight::Inputs {
+                modules: shared.modules.clone(),
+                mics: shared.mics.clone(),
+                module_trigger: module_trigger_pf,
+                mic_trigger: mic_trigger_pf,
             },
         ),
         readiness,

@@ -11,7 +11,7 @@ use kmm_api::v1beta1::{
     Module, ModuleImagesConfig, ModuleImagesConfigSpec, ModuleStatus, NodeModulesConfig,
 };
 use kmm_api::wire;
-use kmm_core::module_plan::plan_module;
+use kmm_core::module_plan::{images_config_spec, plan_module};
 use kmm_core::status::{NodeModuleFacts, StatusInputs, compute_status, condition};
 use kmm_core::validate::{ClusterInfo, validate_module};
 use kube::api::{Api, Patch, PatchParams};
@@ -37,8 +37,14 @@ pub struct ModuleReconciler {
 }
 
 impl super::Reconciler for ModuleReconciler {
+    const NAME: &'static str = "module";
+
     fn backoff(&self) -> &super::backoff::Backoff {
         &self.backoff
+    }
+
+    fn context(&self) -> &Context {
+        &self.ctx
     }
 }
 
@@ -144,18 +150,13 @@ pub async fn reconcile(module: Arc<Module>, this: Arc<ModuleReconciler>) -> Resu
     let plan = plan_module(&module, loader, &nodes, &configured, &states);
 
     let mic = this.stores.mics.get(&ObjectRef::new(&name).within(&ns));
-    let desired_mic = ModuleImagesConfigSpec {
-        images: plan.images.clone(),
-        image_repo_secret: module.spec.image_repo_secret.clone(),
-        image_pull_policy: if loader.container.image_pull_policy.is_empty() {
-            kmm_api::v1beta1::DEFAULT_PULL_POLICY.to_owned()
-        } else {
-            loader.container.image_pull_policy.clone()
-        },
-        push_built_image: true,
-        image_rebuild_trigger_generation: module.spec.image_rebuild_trigger_generation,
-        tolerations: module.spec.tolerations.clone(),
-    };
+    let desired_mic = images_config_spec(
+        &module,
+        loader,
+        plan.images.clone(),
+        true,
+        module.spec.image_rebuild_trigger_generation,
+    );
     if mic.as_ref().map(|m| &m.spec) != Some(&desired_mic) {
         apply_mic(&this, &module, desired_mic).await?;
     }

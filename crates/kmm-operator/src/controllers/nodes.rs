@@ -37,8 +37,14 @@ pub struct NodeReconciler {
 }
 
 impl super::Reconciler for NodeReconciler {
+    const NAME: &'static str = "node";
+
     fn backoff(&self) -> &super::backoff::Backoff {
         &self.backoff
+    }
+
+    fn context(&self) -> &Context {
+        &self.ctx
     }
 }
 

@@ -58,8 +58,14 @@ pub async fn run(
 }
 
 impl super::Reconciler for VersionReconciler {
+    const NAME: &'static str = "node-version";
+
     fn backoff(&self) -> &super::backoff::Backoff {
         &self.backoff
+    }
+
+    fn context(&self) -> &Context {
+        &self.ctx
     }
 }
 

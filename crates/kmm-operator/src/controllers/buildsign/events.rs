@@ -39,7 +39,14 @@ pub(super) async fn run(
         api_resource: ar.clone(),
     });
     Controller::new_with(api, config, ar)
-        .run(reconcile, error_policy, reconciler)
+        .run(
+            |job, r| async move {
+                let metrics = r.ctx.metrics.clone();
+                crate::controllers::counted(&metrics, "build-sign-events", reconcile(job, r)).await
+            },
+            error_policy,
+            reconciler,
+        )
         .for_each(|result| async move {
             if let Err(err) = result {
                 warn!(error = %err, "build/sign job events");

@@ -101,8 +101,14 @@ struct Reconciler {
 }
 
 impl super::Reconciler for Reconciler {
+    const NAME: &'static str = "module-build-sign-config";
+
     fn backoff(&self) -> &super::backoff::Backoff {
         &self.backoff
+    }
+
+    fn context(&self) -> &Context {
+        &self.ctx
     }
 }
 

@@ -181,7 +181,14 @@ pub async fn run_in(ctx: Arc<Context>, namespace: Option<String>) {
         noise: std::hash::RandomState::new(),
     });
     controller
-        .run(reconcile, error_policy, reconciler)
+        .run(
+            |mic, r| async move {
+                let metrics = r.ctx.metrics.clone();
+                super::counted(&metrics, "module-images-config", reconcile(mic, r)).await
+            },
+            error_policy,
+            reconciler,
+        )
         .for_each(|result| async move {
             match result {
                 Ok((object, action)) => debug!(mic = %object, ?action, "reconciled"),
