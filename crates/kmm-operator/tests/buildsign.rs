@@ -483,8 +483,16 @@ async fn failed_build_is_reported_once_and_retried_only_on_change() {
     )
     .await;
     lab.wait_loaded("broken", &node).await;
-    let m = lab.modules().get("broken").await.unwrap();
-    assert_eq!(degraded(Some(&m)), None);
+    // The Module's status follows within its pass interval.
+    wait_for(
+        &lab.modules(),
+        "broken",
+        TIMEOUT,
+        "no longer Degraded",
+        |m: Option<&Module>| m.is_some() && degraded(m).is_none(),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]

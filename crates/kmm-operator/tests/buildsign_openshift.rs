@@ -561,6 +561,14 @@ async fn build_object_uses_the_image_repo_secret() {
 
     lab.complete(&name).await;
     lab.wait_loaded("kmm-ci-s", &node).await;
-    let m = lab.modules().get("kmm-ci-s").await.unwrap();
-    assert_eq!(degraded(Some(&m)), None);
+    // The Module's status follows within its pass interval.
+    wait_for(
+        &lab.modules(),
+        "kmm-ci-s",
+        TIMEOUT,
+        "not Degraded",
+        |m: Option<&Module>| m.is_some() && degraded(m).is_none(),
+    )
+    .await
+    .unwrap();
 }

@@ -183,6 +183,26 @@ fn relevant_node_changes(trigger: stores::Trigger<Node>) -> stores::Trigger<Node
     }))
 }
 
+/// Keeps only the Module events that change what the node, device plugin and preflight
+/// reconcilers read: the spec (generation) and the start of deletion. Status writes — many per
+/// rollout, each of which would otherwise wake a pass for every node — are dropped.
+fn module_spec_changes(trigger: stores::Trigger<Module>) -> stores::Trigger<Module> {
+    let mut seen: HashMap<String, (Option<i64>, bool)> = HashMap::new();
+    Box::pin(trigger.filter(move |event| {
+        let keep = match event {
+            Ok(module) => {
+                let digest = (
+                    module.meta().generation,
+                    module.meta().deletion_timestamp.is_some(),
+                );
+                seen.insert(object_key(module), digest) != Some(digest)
+            }
+            Err(_) => true,
+        };
+        std::future::ready(keep)
+    }))
+}
+
 fn module_ref(ns: &str, name: &str) -> ObjectRef<Module> {
     ObjectRef::new(name).within(ns)
 }
@@ -423,6 +443,8 @@ pub async fn run_with(
         stores: shared.clone(),
         recorder: Recorder::new(client.clone(), ctx.reporter.clone()),
         backoff: backoff::Backoff::default(),
+        pacer: modules::Pacer::default(),
+        labelled_namespaces: std::sync::Mutex::default(),
     });
     let mapper_stores = shared.clone();
     let module_controller = Controller::for_stream(module_trigger_m, shared.modules.clone())
@@ -476,13 +498,15 @@ pub async fn run_with(
         stores: shared.clone(),
         recorder: Recorder::new(client.clone(), ctx.reporter.clone()),
         backoff: backoff::Backoff::default(),
+        expectations: nodes::Expectations::default(),
     });
     let (for_modules, for_mics) = (shared.clone(), shared.clone());
     let node_controller =
         Controller::for_stream(relevant_node_changes(node_trigger_n), shared.nodes.clone())
-            .watches_stream(module_trigger_n, move |module: Module| {
-                nodes_of_module(&for_modules, &module)
-            })
+            .watches_stream(
+                module_spec_changes(module_trigger_n),
+                move |module: Module| nodes_of_module(&for_modules, &module),
+            )
             .watches_stream(mic_trigger_n, move |mic: ModuleImagesConfig| {
                 let module = for_mics.modules.get(&module_ref(
                     &mic.namespace().unwrap_or_default(),
@@ -531,7 +555,7 @@ pub async fn run_with(
                 modules: shared.modules.clone(),
                 nodes: shared.nodes.clone(),
                 pods: plugin_pods.store,
-                module_trigger: module_trigger_dp,
+                module_trigger: module_spec_changes(module_trigger_dp),
                 node_trigger: node_trigger_dp,
                 pod_trigger: plugin_pod_trigger_dp,
             },
@@ -541,7 +565,7 @@ pub async fn run_with(
             preflight::Inputs {
                 modules: shared.modules.clone(),
                 mics: shared.mics.clone(),
-                module_trigger: module_trigger_pf,
+                module_trigger: module_spec_changes(module_trigger_pf),
                 mic_trigger: mic_trigger_pf,
             },
         ),

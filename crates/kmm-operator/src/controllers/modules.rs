@@ -34,6 +34,49 @@ pub struct ModuleReconciler {
     pub recorder: Recorder,
     /// Per-object backoff of failed passes.
     pub backoff: super::backoff::Backoff,
+    /// At most one full pass per Module and [`MIN_PASS_INTERVAL`] while its spec is unchanged.
+    pub pacer: Pacer,
+    /// Namespaces seen carrying the contains-modules label (Namespaces are not watched).
+    pub labelled_namespaces: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Shortest time between two full passes of one Module whose spec did not change. A pass is
+/// O(nodes) and is woken by every NodeModulesConfig change of every node it targets; during a
+/// rollout over N nodes that is O(N) wake-ups, each of which would rewrite the status counts.
+pub const MIN_PASS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// When each Module last had a full pass, and for which generation.
+#[derive(Debug, Default)]
+pub struct Pacer(
+    std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Option<i64>)>>,
+);
+
+impl Pacer {
+    /// `None` when a full pass may run now (and records it), else how long to wait. A new
+    /// generation always runs at once.
+    pub fn admit(&self, key: &str, generation: Option<i64>) -> Option<std::time::Duration> {
+        let now = std::time::Instant::now();
+        let mut last = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, seen)) = last.get(key) {
+            let since = now.duration_since(*at);
+            if *seen == generation && since < MIN_PASS_INTERVAL {
+                return Some(MIN_PASS_INTERVAL - since);
+            }
+        }
+        last.insert(key.to_owned(), (now, generation));
+        None
+    }
+
+    /// Forgets a Module that is gone.
+    pub fn forget(&self, key: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
 }
 
 impl super::Reconciler for ModuleReconciler {
@@ -73,8 +116,13 @@ pub async fn reconcile(module: Arc<Module>, this: Arc<ModuleReconciler>) -> Resu
     let name = module.name_any();
     let api = Api::<Module>::namespaced(this.ctx.client.clone(), &ns);
 
+    let key = format!("{ns}/{name}");
     if module.meta().deletion_timestamp.is_some() {
+        this.pacer.forget(&key);
         return finalize(&this, &module, &api, &ns, &name).await;
+    }
+    if let Some(wait) = this.pacer.admit(&key, module.meta().generation) {
+        return Ok(Action::requeue(wait));
     }
     ensure_namespace_label(&this, &ns).await?;
     if !module
@@ -230,6 +278,10 @@ async fn finalize(
         .iter()
         .any(|m| m.namespace().as_deref() == Some(ns) && m.name_any() != name);
     if !others {
+        this.labelled_namespaces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(ns);
         let patch =
             json!({"metadata": {"labels": {wire::label::NAMESPACE_CONTAINS_MODULES: null}}});
         match Api::<Namespace>::all(this.ctx.client.clone())
@@ -254,7 +306,17 @@ async fn finalize(
     Ok(Action::await_change())
 }
 
+/// Labels the namespace `contains-modules` once; later passes trust the memory instead of
+/// reading the Namespace again (the finalizer of the namespace's last Module forgets it).
 async fn ensure_namespace_label(this: &ModuleReconciler, ns: &str) -> Result<(), Error> {
+    let labelled = || {
+        this.labelled_namespaces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    if labelled().contains(ns) {
+        return Ok(());
+    }
     let api = Api::<Namespace>::all(this.ctx.client.clone());
     let namespace = api.get(ns).await?;
     if !namespace
@@ -264,6 +326,7 @@ async fn ensure_namespace_label(this: &ModuleReconciler, ns: &str) -> Result<(),
         let patch = json!({"metadata": {"labels": {wire::label::NAMESPACE_CONTAINS_MODULES: ""}}});
         api.patch(ns, &params(), &Patch::Merge(&patch)).await?;
     }
+    labelled().insert(ns.to_owned());
     Ok(())
 }
 

@@ -34,6 +34,105 @@ pub struct NodeReconciler {
     pub recorder: Recorder,
     /// Per-object backoff of failed passes.
     pub backoff: super::backoff::Backoff,
+    /// This reconciler's own writes that the caches have not shown yet, per node.
+    pub expectations: Expectations,
+}
+
+/// How long a pass waits for the caches to show its own earlier writes before it runs anyway
+/// (e.g. someone else deleted the pod it created).
+const EXPECTATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A node's writes not yet seen in the caches.
+#[derive(Debug, Default)]
+struct Expected {
+    /// resourceVersion of the NodeModulesConfig as our last write left it.
+    nmc_version: Option<u64>,
+    /// Worker pods created (namespace, name), to appear in the pod cache.
+    created: BTreeSet<(String, String)>,
+    /// Worker pods deleted, to disappear from the pod cache.
+    deleted: BTreeSet<(String, String)>,
+    /// When the oldest unmet expectation was recorded.
+    since: Option<std::time::Instant>,
+}
+
+/// Per node, the writes of earlier passes that the shared caches do not reflect yet. A pass
+/// planned from caches older than its own last writes would repeat them: create the same worker
+/// pod again (409), or — once a pod's outcome is recorded and the pod released — start a second
+/// pod for a step already done. Such a pass waits instead; the watch event carrying the write
+/// wakes the node again.
+#[derive(Debug, Default)]
+pub struct Expectations(std::sync::Mutex<std::collections::HashMap<String, Expected>>);
+
+fn version_number(object: &impl Resource) -> Option<u64> {
+    object.meta().resource_version.as_deref()?.parse().ok()
+}
+
+impl Expectations {
+    fn with<T>(&self, node: &str, f: impl FnOnce(&mut Expected) -> T) -> T {
+        let mut all = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let expected = all.entry(node.to_owned()).or_default();
+        expected.since.get_or_insert_with(std::time::Instant::now);
+        f(expected)
+    }
+
+    fn wrote_nmc(&self, node: &str, nmc: &NodeModulesConfig) {
+        if let Some(version) = version_number(nmc) {
+            self.with(node, |e| {
+                e.nmc_version = Some(e.nmc_version.map_or(version, |v| v.max(version)));
+            });
+        }
+    }
+
+    fn created_pod(&self, node: &str, namespace: &str, name: &str) {
+        self.with(node, |e| {
+            e.created.insert((namespace.to_owned(), name.to_owned()))
+        });
+    }
+
+    fn deleted_pod(&self, node: &str, namespace: &str, name: &str) {
+        self.with(node, |e| {
+            e.deleted.insert((namespace.to_owned(), name.to_owned()))
+        });
+    }
+
+    /// Whether the caches show every write of earlier passes on `node` (or the wait timed out);
+    /// forgets the expectations once met.
+    fn met(&self, node: &str, nmc: Option<&NodeModulesConfig>, pods: &Store<Pod>) -> bool {
+        let mut all = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(expected) = all.get(node) else {
+            return true;
+        };
+        let timed_out = expected
+            .since
+            .is_some_and(|since| since.elapsed() > EXPECTATION_TIMEOUT);
+        let nmc_seen = match (expected.nmc_version, nmc.and_then(version_number)) {
+            (Some(want), Some(have)) => have >= want,
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        let in_cache =
+            |(ns, name): &(String, String)| pods.get(&ObjectRef::new(name).within(ns)).is_some();
+        let met = nmc_seen
+            && expected.created.iter().all(in_cache)
+            && !expected.deleted.iter().any(in_cache);
+        if met || timed_out {
+            if timed_out && !met {
+                tracing::debug!(
+                    node,
+                    "caches still miss this node's last writes; planning anyway"
+                );
+            }
+            all.remove(node);
+            return true;
+        }
+        false
+    }
 }
 
 impl super::Reconciler for NodeReconciler {
@@ -112,6 +211,13 @@ fn module_key(module: &Module) -> (String, String) {
 pub async fn reconcile(node: Arc<Node>, this: Arc<NodeReconciler>) -> Result<Action, Error> {
     let name = node.name_any();
     let nmc = this.stores.nmcs.get(&ObjectRef::new(&name));
+    if !this
+        .expectations
+        .met(&name, nmc.as_deref(), &this.stores.pods)
+    {
+        // The watch event that brings our write wakes this node; the requeue is a fallback.
+        return Ok(Action::requeue(std::time::Duration::from_secs(1)));
+    }
     let nmc = write_spec(&this, &node, nmc.as_deref()).await?;
     let Some(nmc) = nmc else {
         return Ok(Action::await_change());
@@ -242,6 +348,7 @@ async fn write_spec(
                     &nmc,
                 )
                 .await?;
+            this.expectations.wrote_nmc(&facts.name, &created);
             Ok(Some(created))
         }
         Some(nmc) if nmc.spec.modules == modules && labels == new_labels => Ok(Some(nmc.clone())),
@@ -262,6 +369,7 @@ async fn write_spec(
             let patched = api
                 .patch(&facts.name, &params, &Patch::Merge(&patch))
                 .await?;
+            this.expectations.wrote_nmc(&facts.name, &patched);
             Ok(Some(patched))
         }
     }
@@ -289,9 +397,10 @@ async fn apply_nmc_plan(
         .unwrap_or_default();
     if current_status != plan.status {
         let patch = json!({"status": {"modules": plan.status}});
-        Api::<NodeModulesConfig>::all(client.clone())
+        let patched = Api::<NodeModulesConfig>::all(client.clone())
             .patch_status(&name, &params, &Patch::Merge(&patch))
             .await?;
+        this.expectations.wrote_nmc(&name, &patched);
     }
     for pod in &plan.create {
         let namespace = pod.namespace().unwrap_or_default();
@@ -299,7 +408,9 @@ async fn apply_nmc_plan(
             .create(&PostParams::default(), pod)
             .await
         {
-            Ok(_) => {}
+            Ok(_) => this
+                .expectations
+                .created_pod(&name, &namespace, &pod.name_any()),
             Err(kube::Error::Api(status)) if status.code == 409 => {}
             Err(err) => return Err(err.into()),
         }
@@ -313,7 +424,9 @@ async fn apply_nmc_plan(
             Err(err) => return Err(err.into()),
         }
         match api.delete(&pod.name, &DeleteParams::default()).await {
-            Ok(_) => {}
+            Ok(_) => this
+                .expectations
+                .deleted_pod(&name, &pod.namespace, &pod.name),
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(err) => return Err(err.into()),
         }
@@ -338,9 +451,10 @@ async fn apply_nmc_plan(
             .map(|k| (k.clone(), serde_json::Value::Null))
             .collect();
         let patch = json!({"metadata": {"labels": labels}});
-        Api::<NodeModulesConfig>::all(client.clone())
+        let patched = Api::<NodeModulesConfig>::all(client.clone())
             .patch(&name, &params, &Patch::Merge(&patch))
             .await?;
+        this.expectations.wrote_nmc(&name, &patched);
     }
     let reference = node.object_ref(&());
     for event in &plan.events {
