@@ -236,6 +236,9 @@ pub fn plan_nmc(
         })
         .unwrap_or_default();
     let mut live_pods: BTreeMap<ModuleKey, &WorkerPodState> = BTreeMap::new();
+    // Worker pods are named per (node, module): while one is terminating, a new one for the same
+    // module cannot be created yet (it would only get 409 Conflict); its removal wakes the node.
+    let mut terminating: BTreeSet<ModuleKey> = BTreeSet::new();
 
     // 1. Outcomes of worker pods become status.
     for pod in pods {
@@ -248,12 +251,14 @@ pub fn plan_nmc(
             if pod.has_finalizer {
                 plan.delete.push(delete());
             }
+            terminating.insert(key);
             continue;
         }
         match (pod.phase.as_str(), pod.action) {
             ("Succeeded", WorkerAction::Unload) => {
                 status.remove(&key);
                 plan.delete.push(delete());
+                terminating.insert(key.clone());
                 plan.events.push(NodeEvent {
                     type_: "Normal",
                     reason: wire::reason::MODULE_UNLOADED,
@@ -264,10 +269,12 @@ pub fn plan_nmc(
             ("Succeeded", WorkerAction::Load) => {
                 status.insert(key.clone(), loaded_status(pod, node));
                 plan.delete.push(delete());
+                terminating.insert(key);
             }
             ("Failed", _) => {
                 record_failure(&mut status, &mut plan, pod, now);
                 plan.delete.push(delete());
+                terminating.insert(key);
             }
             _ => {
                 if !spec.contains_key(&key) && !status.contains_key(&key) {
@@ -297,6 +304,7 @@ pub fn plan_nmc(
         render_worker_pod(&input, action, settings)
     };
     let push_pod = |plan: &mut NmcPlan, key: &ModuleKey, pod: Result<Pod, RenderError>| match pod {
+        Ok(_) if terminating.contains(key) => {}
         Ok(pod) => plan.create.push(pod),
         Err(err) => plan.errors.push((key.clone(), err)),
     };

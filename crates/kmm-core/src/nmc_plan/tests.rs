@@ -180,9 +180,31 @@ fn config_change_on_the_same_kernel_unloads_the_old_config_first() {
         plan.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
         ["ModuleUnloaded"]
     );
+    // The load pod has the unload pod's name: it waits until that one is gone (no 409).
+    assert!(plan.create.is_empty(), "{:?}", plan.create);
+    assert_eq!(plan.delete.len(), 1);
+
+    let mut after = n.clone();
+    after.status = Some(NodeModulesConfigStatus {
+        modules: plan.status.clone(),
+    });
+    let plan = plan_nmc(&after, &node(), &[], &settings(), &now());
     assert_eq!(plan.create.len(), 1);
     assert_eq!(action_of(&plan.create[0]), "Load");
     assert_eq!(config_of(&plan.create[0]).container_image, "r/kmod:2");
+}
+
+#[test]
+fn no_new_worker_pod_while_the_previous_one_terminates() {
+    let n = nmc(Some(config(K1, "r/kmod:1")), None);
+    let plan = plan_nmc(&n, &node(), &[], &settings(), &now());
+    assert_eq!(plan.create.len(), 1);
+    let mut terminating = pod_from(&plan.create[0], "Running");
+    terminating.deleting = true;
+    terminating.has_finalizer = false;
+    let plan = plan_nmc(&n, &node(), &[terminating], &settings(), &now());
+    assert!(plan.create.is_empty(), "{:?}", plan.create);
+    assert!(plan.delete.is_empty());
 }
 
 #[test]

@@ -38,9 +38,13 @@ pub struct NodeReconciler {
     pub expectations: Expectations,
 }
 
-/// How long a pass waits for the caches to show its own earlier writes before it runs anyway
-/// (e.g. someone else deleted the pod it created).
-const EXPECTATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a pass waits for the pod cache to show the worker pods it created before it runs
+/// anyway (someone else may have deleted one before the watch saw it).
+const CREATED_POD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a pass waits for the NodeModulesConfig cache to reach the resourceVersion of its own
+/// last write. Any later change, or a relist, brings a higher one, so this only guards against
+/// a watch that stopped altogether.
+const NMC_VERSION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// A node's writes not yet seen in the caches.
 #[derive(Debug, Default)]
@@ -49,8 +53,6 @@ struct Expected {
     nmc_version: Option<u64>,
     /// Worker pods created (namespace, name), to appear in the pod cache.
     created: BTreeSet<(String, String)>,
-    /// Worker pods deleted, to disappear from the pod cache.
-    deleted: BTreeSet<(String, String)>,
     /// When the oldest unmet expectation was recorded.
     since: Option<std::time::Instant>,
 }
@@ -59,7 +61,8 @@ struct Expected {
 /// planned from caches older than its own last writes would repeat them: create the same worker
 /// pod again (409), or — once a pod's outcome is recorded and the pod released — start a second
 /// pod for a step already done. Such a pass waits instead; the watch event carrying the write
-/// wakes the node again.
+/// wakes the node again. (Deleted pods need no waiting: the planner leaves a terminating pod's
+/// module alone until it is gone.)
 #[derive(Debug, Default)]
 pub struct Expectations(std::sync::Mutex<std::collections::HashMap<String, Expected>>);
 
@@ -92,12 +95,6 @@ impl Expectations {
         });
     }
 
-    fn deleted_pod(&self, node: &str, namespace: &str, name: &str) {
-        self.with(node, |e| {
-            e.deleted.insert((namespace.to_owned(), name.to_owned()))
-        });
-    }
-
     /// Whether the caches show every write of earlier passes on `node` (or the wait timed out);
     /// forgets the expectations once met.
     fn met(&self, node: &str, nmc: Option<&NodeModulesConfig>, pods: &Store<Pod>) -> bool {
@@ -108,30 +105,32 @@ impl Expectations {
         let Some(expected) = all.get(node) else {
             return true;
         };
-        let timed_out = expected
+        let waited = expected
             .since
-            .is_some_and(|since| since.elapsed() > EXPECTATION_TIMEOUT);
-        let nmc_seen = match (expected.nmc_version, nmc.and_then(version_number)) {
-            (Some(want), Some(have)) => have >= want,
-            (Some(_), None) => false,
-            (None, _) => true,
+            .map(|since| since.elapsed())
+            .unwrap_or_default();
+        let nmc_seen = match (expected.nmc_version, nmc.map(version_number)) {
+            (Some(want), Some(Some(have))) => have >= want,
+            // Gone (the node went), or a resourceVersion that is not a number: nothing to wait for.
+            (Some(_), None | Some(None)) | (None, _) => true,
         };
-        let in_cache =
-            |(ns, name): &(String, String)| pods.get(&ObjectRef::new(name).within(ns)).is_some();
-        let met = nmc_seen
-            && expected.created.iter().all(in_cache)
-            && !expected.deleted.iter().any(in_cache);
-        if met || timed_out {
-            if timed_out && !met {
+        let pods_seen = expected
+            .created
+            .iter()
+            .all(|(ns, name)| pods.get(&ObjectRef::new(name).within(ns)).is_some());
+        let met = (nmc_seen || waited > NMC_VERSION_TIMEOUT)
+            && (pods_seen || waited > CREATED_POD_TIMEOUT);
+        if met {
+            if !(nmc_seen && pods_seen) {
                 tracing::debug!(
                     node,
+                    ?waited,
                     "caches still miss this node's last writes; planning anyway"
                 );
             }
             all.remove(node);
-            return true;
         }
-        false
+        met
     }
 }
 
@@ -424,9 +423,7 @@ async fn apply_nmc_plan(
             Err(err) => return Err(err.into()),
         }
         match api.delete(&pod.name, &DeleteParams::default()).await {
-            Ok(_) => this
-                .expectations
-                .deleted_pod(&name, &pod.namespace, &pod.name),
+            Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(err) => return Err(err.into()),
         }

@@ -42,8 +42,12 @@ where
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..consumers)
         .map(|_| mpsc::unbounded_channel::<Result<K, watcher::Error>>())
         .unzip();
-    let events =
-        reflector::reflector(writer, watcher(api, config).default_backoff()).touched_objects();
+    // managedFields are never read here and are a large part of every object (pods and nodes
+    // collect one entry per writer): drop them before they reach the cache.
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(|object| object.meta_mut().managed_fields = None);
+    let events = reflector::reflector(writer, stream).touched_objects();
     let driver = Box::pin(async move {
         let mut events = std::pin::pin!(events);
         while let Some(event) = events.next().await {
