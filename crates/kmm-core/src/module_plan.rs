@@ -216,6 +216,10 @@ pub fn plan_module(
         plan.decisions.insert(node.name.clone(), decision);
     }
 
+    // The node cache has no order: without sorting, the ModuleImagesConfig spec (and with it a
+    // write, and a pass of every node the Module targets) would change with every pass.
+    plan.images.sort_by(|a, b| a.image.cmp(&b.image));
+
     // Configured nodes that no longer exist lose their entry too.
     for gone in configured
         .iter()
@@ -404,6 +408,19 @@ mod tests {
             !p.decisions.contains_key("d"),
             "unselected, unconfigured nodes are not mentioned"
         );
+    }
+
+    #[test]
+    fn images_do_not_depend_on_node_order() {
+        let forward = [
+            node("b", "6.8.0-31-generic", &[LAB], vec![]),
+            node("a", "6.1.0-56-amd64", &[LAB], vec![]),
+        ];
+        let backward = [forward[1].clone(), forward[0].clone()];
+        let first = plan(&lab3(), &forward, &[], &BTreeMap::new());
+        let second = plan(&lab3(), &backward, &[], &BTreeMap::new());
+        assert_eq!(first.images, second.images);
+        assert_eq!(first.images[0].image, "r/kmod:6.1");
     }
 
     #[test]
