@@ -45,10 +45,16 @@ pub struct ModuleReconciler {
 /// rollout over N nodes that is O(N) wake-ups, each of which would rewrite the status counts.
 pub const MIN_PASS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// When each Module last had a full pass, and for which generation.
+/// Shortest time between two status writes of one Module that only change its counts. During a
+/// rollout over N nodes the counts move with every node; conditions are written at once.
+pub const COUNTS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// When each Module last had a full pass (and for which generation), and when its status was
+/// last written.
 #[derive(Debug, Default)]
 pub struct Pacer(
     std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Option<i64>)>>,
+    std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 );
 
 impl Pacer {
@@ -76,6 +82,27 @@ impl Pacer {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(key);
+        self.counts().remove(key);
+    }
+
+    fn counts(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, std::time::Instant>> {
+        self.1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How long a counts-only status write of `key` must wait, if at all.
+    pub fn counts_wait(&self, key: &str) -> Option<std::time::Duration> {
+        let since = self.counts().get(key)?.elapsed();
+        (since < COUNTS_INTERVAL).then(|| COUNTS_INTERVAL - since)
+    }
+
+    /// Records a status write of `key`.
+    pub fn wrote_status(&self, key: &str) {
+        self.counts()
+            .insert(key.to_owned(), std::time::Instant::now());
     }
 }
 
@@ -254,8 +281,18 @@ pub async fn reconcile(module: Arc<Module>, this: Arc<ModuleReconciler>) -> Resu
     status.module_loader = computed.module_loader;
     status.conditions = computed.conditions;
     status.image_rebuild_trigger_generation = mic_status.image_rebuild_trigger_generation;
-    warn_on_new_degradation(&this, &module, &previous, &status).await;
-    write_status(&api, &name, &previous, &status).await?;
+    if status != previous {
+        let counts_only = ModuleStatus {
+            module_loader: previous.module_loader,
+            ..status.clone()
+        } == previous;
+        if counts_only && let Some(wait) = this.pacer.counts_wait(&key) {
+            return Ok(Action::requeue(wait));
+        }
+        warn_on_new_degradation(&this, &module, &previous, &status).await;
+        write_status(&api, &name, &previous, &status).await?;
+        this.pacer.wrote_status(&key);
+    }
     Ok(Action::await_change())
 }
 
