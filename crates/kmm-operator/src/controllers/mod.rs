@@ -290,28 +290,13 @@ async fn counted<E>(
 ) -> Result<Action, E> {
     let started = std::time::Instant::now();
     let result = pass.await;
-    observe_pass(
-        metrics,
-        controller,
-        result.as_ref().map_err(|_| ()),
-        started,
-    );
-    result
-}
-
-/// Records a pass in the reconcile metrics.
-fn observe_pass(
-    metrics: &ReconcileMetrics,
-    controller: &'static str,
-    outcome: Result<&Action, ()>,
-    started: std::time::Instant,
-) {
-    let result = match outcome {
-        Err(()) => PassResult::Error,
+    let outcome = match &result {
+        Err(_) => PassResult::Error,
         Ok(action) if *action == Action::await_change() => PassResult::Success,
         Ok(_) => PassResult::RequeueAfter,
     };
-    metrics.observe(controller, result, started.elapsed().as_secs_f64());
+    metrics.observe(controller, outcome, started.elapsed().as_secs_f64());
+    result
 }
 
 fn object_key<K: Resource<DynamicType = ()>>(object: &K) -> String {

@@ -52,10 +52,10 @@ pub const COUNTS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 /// When each Module last had a full pass (and for which generation), and when its status was
 /// last written.
 #[derive(Debug, Default)]
-pub struct Pacer(
-    std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Option<i64>)>>,
-    std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
-);
+pub struct Pacer {
+    passes: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Option<i64>)>>,
+    status_writes: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
 
 impl Pacer {
     /// `None` when a full pass may run now (and records it), else how long to wait. A new
@@ -63,7 +63,7 @@ impl Pacer {
     pub fn admit(&self, key: &str, generation: Option<i64>) -> Option<std::time::Duration> {
         let now = std::time::Instant::now();
         let mut last = self
-            .0
+            .passes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((at, seen)) = last.get(key) {
@@ -78,7 +78,7 @@ impl Pacer {
 
     /// Forgets a Module that is gone.
     pub fn forget(&self, key: &str) {
-        self.0
+        self.passes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(key);
@@ -88,7 +88,7 @@ impl Pacer {
     fn counts(
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, std::time::Instant>> {
-        self.1
+        self.status_writes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
