@@ -396,6 +396,7 @@ class Bench:
         subprocess.run([os.path.join(ROOT, "testenv", "cluster.sh"), "up", "--dir", self.cluster_dir],
                        env=env, check=True, stdout=subprocess.DEVNULL)
         self.restart_kwok()
+        self.restart_controller_manager()
         self.kube = Kube(self.cluster_dir)
         crds = []
         for name in sorted(os.listdir(os.path.join(ROOT, "deploy", "crds"))):
@@ -407,9 +408,6 @@ class Bench:
     def restart_kwok(self):
         """Same kwok command line as cluster.sh, but with the bench stages (heartbeat every 5 min,
         like a kubelet's status report) and a longer node lease (renewed every lease/4 s)."""
-        pidfile = os.path.join(self.cluster_dir, "pids", "kwok.pid")
-        pid = int(open(pidfile).read())
-        argv = open(f"/proc/{pid}/cmdline").read().split("\0")[:-1]
         stages = open(os.path.join(ROOT, "testenv", "kwok", "stages.yaml")).read()
         heartbeat = "  delay:\n    durationMilliseconds: 60000\n    jitterDurationMilliseconds: 70000\n"
         if heartbeat not in stages:
@@ -418,19 +416,30 @@ class Bench:
         path = os.path.join(self.dir, "kwok-stages.yaml")
         with open(path, "w") as f:
             f.write(stages)
-        new = []
-        for arg in argv:
-            if arg.startswith("--config="):
-                arg = f"--config={path}"
-            elif arg.startswith("--node-lease-duration-seconds="):
-                arg = f"--node-lease-duration-seconds={self.args.lease_seconds}"
-            new.append(arg)
+        self.restart_component("kwok", {"--config": path, "--node-lease-duration-seconds": self.args.lease_seconds})
+
+    def restart_controller_manager(self):
+        """Same kube-controller-manager command line as cluster.sh, with a node grace period of
+        `--node-grace-seconds`: thousands of simulated kubelets share two cores with the control
+        plane and renew their leases late; a real kubelet does not, and the operator must not be
+        measured unloading and reloading modules on nodes that only look unreachable."""
+        self.restart_component("kube-controller-manager",
+                               {"--node-monitor-grace-period": f"{self.args.node_grace_seconds}s"})
+
+    def restart_component(self, component, flags):
+        """Restarts a control-plane process started by cluster.sh with `flags` set (replaced or
+        added), keeping its pid file and log."""
+        pidfile = os.path.join(self.cluster_dir, "pids", f"{component}.pid")
+        pid = int(open(pidfile).read())
+        argv = open(f"/proc/{pid}/cmdline").read().split("\0")[:-1]
+        new = [arg for arg in argv if arg.split("=", 1)[0] not in flags]
+        new += [f"{flag}={value}" for flag, value in flags.items()]
         os.kill(pid, signal.SIGTERM)
         for _ in range(100):
             if not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read():
                 break
             time.sleep(0.1)
-        log = open(os.path.join(self.cluster_dir, "logs", "kwok.log"), "a")
+        log = open(os.path.join(self.cluster_dir, "logs", f"{component}.log"), "a")
         proc = subprocess.Popen(new, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         with open(pidfile, "w") as f:
             f.write(f"{proc.pid}\n")
@@ -672,7 +681,8 @@ class Bench:
                             "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
                             "kernel": platform.release(), "python": platform.python_version()},
                 "parameters": {"nodes": a.nodes, "modules": a.modules, "kernels": a.kernels, "phases": a.phases,
-                               "lease_seconds": a.lease_seconds, "image_check": "registry"},
+                               "lease_seconds": a.lease_seconds,
+                               "node_grace_seconds": a.node_grace_seconds, "image_check": "registry"},
                 "commit": sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD").strip()
                           + ("-dirty" if sh("git", "-C", ROOT, "status", "--porcelain", "--", "crates").strip() else ""),
                 "operator_bin": a.operator_bin or "this tree (cargo build --release)",
@@ -809,7 +819,10 @@ def main():
                           "when the simulated kubelet cannot play N·M unload and load pods in the time at hand")
     run.add_argument("--quiet", type=float, default=5, help="seconds without operator writes that end a phase")
     run.add_argument("--lease-seconds", type=int, default=120,
-                     help="kwok node lease; renewed every lease/4 s, must stay under the 50 s grace period")
+                     help="kwok node lease; renewed every lease/4 s")
+    run.add_argument("--node-grace-seconds", type=int, default=600,
+                     help="kube-controller-manager --node-monitor-grace-period (default 50 s): how late a "
+                          "simulated node may renew its lease before it is marked unreachable")
     run.add_argument("--label", default=os.environ.get("BENCH_LABEL", ""), help="suffix of the result file, e.g. before")
     run.add_argument("--dir", default=os.environ.get("BENCH_DIR", f"/tmp/kmm-rs-bench-{os.getpid()}"))
     run.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")

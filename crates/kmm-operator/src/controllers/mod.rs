@@ -149,6 +149,8 @@ pub struct Stores {
     pub mics: Store<ModuleImagesConfig>,
     /// Every worker pod (label `worker-action`).
     pub pods: Store<Pod>,
+    /// The worker pods of each node.
+    pub pods_by_node: stores::Index<Pod>,
 }
 
 /// Keeps only the node events that change what the reconcilers look at: labels, taints, kernel,
@@ -360,10 +362,12 @@ pub async fn run_with(
     let nodes = stores::watch(Api::<Node>::all(client.clone()), cfg(), 4);
     let nmcs = stores::watch(Api::<NodeModulesConfig>::all(client.clone()), cfg(), 2);
     let mics = stores::watch(Api::<ModuleImagesConfig>::all(client.clone()), cfg(), 3);
-    let pods = stores::watch(
+    let pods_by_node = stores::Index::new(|pod: &Pod| pod.spec.as_ref()?.node_name.clone());
+    let pods = stores::watch_indexed(
         Api::<Pod>::all(client.clone()),
         cfg().labels(wire::label::WORKER_ACTION),
         1,
+        Some(pods_by_node.clone()),
     );
     let shared = Stores {
         modules: modules.store.clone(),
@@ -371,6 +375,7 @@ pub async fn run_with(
         nmcs: nmcs.store.clone(),
         mics: mics.store.clone(),
         pods: pods.store.clone(),
+        pods_by_node,
     };
     let drivers = futures::future::join_all([
         modules.driver,

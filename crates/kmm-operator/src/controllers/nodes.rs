@@ -223,11 +223,11 @@ pub async fn reconcile(node: Arc<Node>, this: Arc<NodeReconciler>) -> Result<Act
     };
     let pods: Vec<WorkerPodState> = this
         .stores
-        .pods
-        .state()
+        .pods_by_node
+        .get(&name)
         .iter()
-        .filter(|pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str()))
-        .filter_map(|pod| worker_pod_state(pod))
+        .filter_map(|pod| this.stores.pods.get(pod))
+        .filter_map(|pod| worker_pod_state(&pod))
         .collect();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let settings = WorkerSettings {
