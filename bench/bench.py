@@ -670,46 +670,57 @@ class Bench:
             startup = summarize(self.audit.between(0, time.time()))
             phases = [self.phase("nodes", self.create_nodes)]
             with_nodes = self.operator.memory_kib()["VmRSS"]
+            result = self.save(started, idle, startup, with_nodes, phases)
             actions = {"apply": self.apply, "change": self.change, "delete": self.delete}
             for name in ("apply", "change", "delete"):
                 if name in a.phases:
                     phases.append(self.phase(name, actions[name]))
-            mem = self.operator.memory_kib()
-            total = summarize(self.audit.between(0, time.time()))
-            result = {
-                "machine": {"cpus": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                            "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
-                            "kernel": platform.release(), "python": platform.python_version()},
-                "parameters": {"nodes": a.nodes, "modules": a.modules, "kernels": a.kernels, "phases": a.phases,
-                               "lease_seconds": a.lease_seconds,
-                               "node_grace_seconds": a.node_grace_seconds, "image_check": "registry"},
-                "commit": sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD").strip()
-                          + ("-dirty" if sh("git", "-C", ROOT, "status", "--porcelain", "--", "crates").strip() else ""),
-                "operator_bin": a.operator_bin or "this tree (cargo build --release)",
-                "label": a.label,
-                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "startup": {"requests": startup["requests"], "by_verb_resource": startup["by_verb_resource"]},
-                "phases": phases,
-                "operator": {
-                    "cpu_s_total": round(self.operator.cpu_seconds(), 2),
-                    "rss_mib_idle_no_nodes": round(idle / 1024, 1),
-                    "rss_mib_with_nodes": round(with_nodes / 1024, 1),
-                    "peak_rss_mib": round(mem["VmHWM"] / 1024, 1),
-                    "kib_per_node": round((mem["VmHWM"] - idle) / a.nodes, 1),
-                },
-                "total": {k: total[k] for k in ("requests", "writes", "event_writes", "write_conflicts", "lists", "gets")},
-                "wall_s": round(time.time() - started, 1),
-            }
+                    # Written after every phase: a run stopped later keeps what it measured.
+                    result = self.save(started, idle, startup, with_nodes, phases)
         finally:
             self.stop()
-        os.makedirs(RESULTS, exist_ok=True)
+        print(markdown([result]))
+        say(f"wrote {os.path.relpath(self.result_path(), ROOT)}")
+
+    def result_path(self):
+        a = self.args
         tag = f"n{a.nodes}-m{a.modules}-k{a.kernels}" + (f"-{a.label}" if a.label else "")
-        path = os.path.join(RESULTS, f"{tag}.json")
-        with open(path, "w") as f:
+        return os.path.join(RESULTS, f"{tag}.json")
+
+    def save(self, started, idle, startup, with_nodes, phases):
+        """Writes the result file with the phases measured so far and returns the result."""
+        a = self.args
+        mem = self.operator.memory_kib()
+        total = summarize(self.audit.between(0, time.time()))
+        result = {
+            "machine": {"cpus": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                        "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
+                        "kernel": platform.release(), "python": platform.python_version()},
+            "parameters": {"nodes": a.nodes, "modules": a.modules, "kernels": a.kernels, "phases": a.phases,
+                           "lease_seconds": a.lease_seconds,
+                           "node_grace_seconds": a.node_grace_seconds, "image_check": "registry"},
+            "commit": sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD").strip()
+                      + ("-dirty" if sh("git", "-C", ROOT, "status", "--porcelain", "--", "crates").strip() else ""),
+            "operator_bin": a.operator_bin or "this tree (cargo build --release)",
+            "label": a.label,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "startup": {"requests": startup["requests"], "by_verb_resource": startup["by_verb_resource"]},
+            "phases": phases,
+            "operator": {
+                "cpu_s_total": round(self.operator.cpu_seconds(), 2),
+                "rss_mib_idle_no_nodes": round(idle / 1024, 1),
+                "rss_mib_with_nodes": round(with_nodes / 1024, 1),
+                "peak_rss_mib": round(mem["VmHWM"] / 1024, 1),
+                "kib_per_node": round((mem["VmHWM"] - idle) / a.nodes, 1),
+            },
+            "total": {k: total[k] for k in ("requests", "writes", "event_writes", "write_conflicts", "lists", "gets")},
+            "wall_s": round(time.time() - started, 1),
+        }
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(self.result_path(), "w") as f:
             json.dump(result, f, indent=1)
             f.write("\n")
-        print(markdown([result]))
-        say(f"wrote {os.path.relpath(path, ROOT)}")
+        return result
 
     def stop(self):
         if getattr(self, "audit", None):

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kmm_api::v1beta1::{DaemonSetStatus, ImageState, ModuleImageState};
+use kmm_api::v1beta1::{DaemonSetStatus, ImageState, ModuleImageState, ModuleStatus};
 use kmm_api::wire::image_reason;
 
 use crate::module_plan::{ModulePlan, NodeDecision};
@@ -331,6 +331,32 @@ fn loader_conditions(
     vec![ready, progressing, degraded]
 }
 
+/// Whether going from `previous` to `next` only moves a rollout along: node counts and condition
+/// messages ("loaded on 230 of 2000 node(s)") differ, while every condition keeps its status and
+/// reason and nothing else changed. Such a write can wait a few seconds; any other change is news
+/// for the administrator and goes out at once.
+pub fn only_progress_changed(previous: &ModuleStatus, next: &ModuleStatus) -> bool {
+    let shape = |conditions: &[Condition]| -> Vec<(String, String, String, Option<i64>)> {
+        conditions
+            .iter()
+            .map(|c| {
+                (
+                    c.type_.clone(),
+                    c.status.clone(),
+                    c.reason.clone(),
+                    c.observed_generation,
+                )
+            })
+            .collect()
+    };
+    let rest_equal = ModuleStatus {
+        module_loader: previous.module_loader.clone(),
+        conditions: previous.conditions.clone(),
+        ..next.clone()
+    } == *previous;
+    rest_equal && shape(&previous.conditions) == shape(&next.conditions)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -531,5 +557,73 @@ mod tests {
         );
         assert_eq!(cond(&fixed, "Degraded").last_transition_time, later);
         assert_eq!(cond(&fixed, "Ready").reason, "NoMatchingNodes");
+    }
+
+    fn status(available: i32, conditions: &[(&str, &str, &str, &str)]) -> ModuleStatus {
+        ModuleStatus {
+            module_loader: DaemonSetStatus {
+                available_number: available,
+                desired_number: 2000,
+                nodes_matching_selector_number: 2000,
+            },
+            conditions: conditions
+                .iter()
+                .map(|(type_, status, reason, message)| Condition {
+                    type_: (*type_).into(),
+                    status: (*status).into(),
+                    reason: (*reason).into(),
+                    message: (*message).into(),
+                    observed_generation: Some(1),
+                    last_transition_time: now(),
+                })
+                .collect(),
+            ..ModuleStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_rollout_moving_along_is_only_progress() {
+        let before = status(
+            230,
+            &[(
+                "Ready",
+                "False",
+                "Progressing",
+                "loaded on 230 of 2000 node(s)",
+            )],
+        );
+        let after = status(
+            240,
+            &[(
+                "Ready",
+                "False",
+                "Progressing",
+                "loaded on 240 of 2000 node(s)",
+            )],
+        );
+        assert!(only_progress_changed(&before, &after));
+        assert!(only_progress_changed(&before, &before));
+    }
+
+    #[test]
+    fn a_new_condition_status_or_reason_is_news() {
+        let before = status(1999, &[("Ready", "False", "Progressing", "loaded on 1999")]);
+        let ready = status(2000, &[("Ready", "True", "Loaded", "loaded on 2000")]);
+        assert!(!only_progress_changed(&before, &ready));
+        let failed = status(1999, &[("Ready", "False", "LoadFailed", "loaded on 1999")]);
+        assert!(!only_progress_changed(&before, &failed));
+        let more = status(
+            1999,
+            &[
+                ("Ready", "False", "Progressing", "loaded on 1999"),
+                ("Degraded", "True", "LoadFailed", "on node-7"),
+            ],
+        );
+        assert!(!only_progress_changed(&before, &more));
+        let rebuilt = ModuleStatus {
+            image_rebuild_trigger_generation: Some(2),
+            ..before.clone()
+        };
+        assert!(!only_progress_changed(&before, &rebuilt));
     }
 }

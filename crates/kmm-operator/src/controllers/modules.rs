@@ -282,11 +282,9 @@ pub async fn reconcile(module: Arc<Module>, this: Arc<ModuleReconciler>) -> Resu
     status.conditions = computed.conditions;
     status.image_rebuild_trigger_generation = mic_status.image_rebuild_trigger_generation;
     if status != previous {
-        let counts_only = ModuleStatus {
-            module_loader: previous.module_loader,
-            ..status.clone()
-        } == previous;
-        if counts_only && let Some(wait) = this.pacer.counts_wait(&key) {
+        if kmm_core::status::only_progress_changed(&previous, &status)
+            && let Some(wait) = this.pacer.counts_wait(&key)
+        {
             return Ok(Action::requeue(wait));
         }
         warn_on_new_degradation(&this, &module, &previous, &status).await;
