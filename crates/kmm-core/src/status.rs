@@ -350,7 +350,7 @@ pub fn only_progress_changed(previous: &ModuleStatus, next: &ModuleStatus) -> bo
             .collect()
     };
     let rest_equal = ModuleStatus {
-        module_loader: previous.module_loader.clone(),
+        module_loader: previous.module_loader,
         conditions: previous.conditions.clone(),
         ..next.clone()
     } == *previous;
