@@ -102,6 +102,31 @@ fn describe(mapping: &KernelMapping) -> String {
     }
 }
 
+/// Compiled mapping regexps by pattern. Every node pass resolves every Module's mapping for its
+/// node, so compiling the pattern each time would cost a regex compilation per (node, Module)
+/// pass; the few distinct patterns of a cluster are compiled once. Bounded: cleared when it
+/// holds more than [`REGEX_CACHE_LIMIT`] patterns.
+fn compiled(pattern: &str) -> Result<Regex, String> {
+    static CACHE: std::sync::LazyLock<
+        std::sync::Mutex<std::collections::HashMap<String, Result<Regex, String>>>,
+    > = std::sync::LazyLock::new(Default::default);
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(found) = cache.get(pattern) {
+        return found.clone();
+    }
+    if cache.len() >= REGEX_CACHE_LIMIT {
+        cache.clear();
+    }
+    let result = Regex::new(pattern).map_err(|err| err.to_string());
+    cache.insert(pattern.to_owned(), result.clone());
+    result
+}
+
+/// Most mapping patterns kept compiled.
+const REGEX_CACHE_LIMIT: usize = 1024;
+
 /// The first mapping that matches `kernel`, in list order: a non-empty `literal` equal to the
 /// kernel, or a non-empty `regexp` found anywhere in it (unanchored, like Go's MatchString).
 pub fn find_mapping<'m>(
@@ -113,11 +138,12 @@ pub fn find_mapping<'m>(
             return Ok((index, mapping));
         }
         if !mapping.regexp.is_empty() {
-            let regex = Regex::new(&mapping.regexp).map_err(|err| MappingError::InvalidRegexp {
-                index,
-                pattern: mapping.regexp.clone(),
-                message: err.to_string(),
-            })?;
+            let regex =
+                compiled(&mapping.regexp).map_err(|message| MappingError::InvalidRegexp {
+                    index,
+                    pattern: mapping.regexp.clone(),
+                    message,
+                })?;
             if regex.is_match(kernel) {
                 return Ok((index, mapping));
             }
@@ -387,6 +413,25 @@ mod tests {
             "{err}"
         );
         assert_eq!(err.reason(), "InvalidSpec");
+        // The second resolution comes from the compiled-pattern cache and says the same.
+        let again = resolve(&c, "m", "ns", "6.1.0-1").unwrap_err();
+        assert_eq!(again.to_string(), err.to_string());
+    }
+
+    #[test]
+    fn cached_patterns_match_like_fresh_ones() {
+        for _ in 0..2 {
+            assert!(
+                compiled(r"^6\.1\.0-\d+-amd64$")
+                    .unwrap()
+                    .is_match("6.1.0-57-amd64")
+            );
+            assert!(
+                !compiled(r"^6\.1\.0-\d+-amd64$")
+                    .unwrap()
+                    .is_match("6.1.0-57-arm64")
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Pure: it sees plain data (the Module, the nodes, the image states) and returns decisions that
 //! also feed the Module's status and `kmmctl explain`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use k8s_openapi::api::core::v1::Taint;
 use kmm_api::v1beta1::{
@@ -221,9 +221,10 @@ pub fn plan_module(
     plan.images.sort_by(|a, b| a.image.cmp(&b.image));
 
     // Configured nodes that no longer exist lose their entry too.
+    let present: HashSet<&str> = nodes.iter().map(|node| node.name.as_str()).collect();
     for gone in configured
         .iter()
-        .filter(|name| !nodes.iter().any(|node| &node.name == *name))
+        .filter(|name| !present.contains(name.as_str()))
     {
         plan.actions.insert(gone.clone(), EntryAction::Remove);
     }

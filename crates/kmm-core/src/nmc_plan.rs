@@ -143,6 +143,38 @@ pub fn worker_pod_state(pod: &Pod) -> Option<WorkerPodState> {
     })
 }
 
+/// Drops from a worker pod everything [`worker_pod_state`] does not read (containers, volumes,
+/// pod conditions, addresses), so a cache of thousands of in-flight worker pods stays small.
+/// The node name is kept: pods are looked up by node.
+pub fn slim_worker_pod(pod: &mut Pod) {
+    if let Some(spec) = pod.spec.take() {
+        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: spec.node_name,
+            image_pull_secrets: spec.image_pull_secrets,
+            service_account_name: spec.service_account_name,
+            ..Default::default()
+        });
+    }
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase,
+            container_statuses: status.container_statuses.map(|statuses| {
+                statuses
+                    .into_iter()
+                    .map(|c| k8s_openapi::api::core::v1::ContainerStatus {
+                        name: c.name,
+                        restart_count: c.restart_count,
+                        state: c.state,
+                        last_state: c.last_state,
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+            ..Default::default()
+        });
+    }
+}
+
 /// Splits a worker termination message `Reason: message` into its parts.
 pub fn parse_failure(message: &str) -> (String, String) {
     let message = message.trim();

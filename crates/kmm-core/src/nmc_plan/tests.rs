@@ -490,3 +490,57 @@ fn failure_messages_are_split_into_reason_and_text() {
         );
     }
 }
+
+#[test]
+fn a_slimmed_worker_pod_reads_the_same_and_is_much_smaller() {
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodCondition, PodStatus,
+    };
+    let n = nmc(Some(config(K1, "r/kmod:1")), None);
+    let mut pod = plan_nmc(&n, &node(), &[], &settings(), &now()).create[0].clone();
+    let failed = ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            exit_code: 1,
+            message: Some("UnknownSymbol: kmod: Unknown symbol x (err -2)".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    pod.status = Some(PodStatus {
+        phase: Some("Running".into()),
+        conditions: Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: "False".into(),
+            ..Default::default()
+        }]),
+        host_ip: Some("10.0.0.1".into()),
+        container_statuses: Some(vec![ContainerStatus {
+            name: "worker".into(),
+            image: "registry.example.com/kmm-worker:1".into(),
+            image_id: "sha256:0123".into(),
+            restart_count: 2,
+            last_state: Some(failed),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    pod.metadata.deletion_timestamp = Some(now());
+    let full = worker_pod_state(&pod).unwrap();
+    assert!(full.restarted && full.deleting && full.failure.is_some());
+    assert_eq!(full.config, Some(config(K1, "r/kmod:1")));
+
+    let mut slim = pod.clone();
+    slim_worker_pod(&mut slim);
+    assert_eq!(worker_pod_state(&slim).unwrap(), full);
+    assert_eq!(
+        slim.spec.as_ref().unwrap().node_name.as_deref(),
+        Some("node-1")
+    );
+    let size = |p: &Pod| serde_json::to_vec(p).unwrap().len();
+    assert!(
+        size(&slim) * 2 < size(&pod),
+        "slim {} bytes, full {} bytes",
+        size(&slim),
+        size(&pod)
+    );
+}

@@ -147,7 +147,7 @@ pub struct Stores {
     pub nmcs: Store<NodeModulesConfig>,
     /// Every ModuleImagesConfig.
     pub mics: Store<ModuleImagesConfig>,
-    /// Every worker pod (label `worker-action`).
+    /// Every worker pod (label `worker-action`), slimmed to what the node pass reads.
     pub pods: Store<Pod>,
     /// The worker pods of each node.
     pub pods_by_node: stores::Index<Pod>,
@@ -368,6 +368,7 @@ pub async fn run_with(
         cfg().labels(wire::label::WORKER_ACTION),
         1,
         Some(pods_by_node.clone()),
+        kmm_core::nmc_plan::slim_worker_pod,
     );
     let shared = Stores {
         modules: modules.store.clone(),

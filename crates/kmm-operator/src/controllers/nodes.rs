@@ -407,10 +407,16 @@ async fn apply_nmc_plan(
             .create(&PostParams::default(), pod)
             .await
         {
+            // AlreadyExists: the pod is there and the cache has not shown it yet (an earlier
+            // pass created it and the wait for it ran out). Wait for it like for our own, or
+            // every pass until the watch catches up repeats the create.
             Ok(_) => this
                 .expectations
                 .created_pod(&name, &namespace, &pod.name_any()),
-            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                this.expectations
+                    .created_pod(&name, &namespace, &pod.name_any())
+            }
             Err(err) => return Err(err.into()),
         }
     }

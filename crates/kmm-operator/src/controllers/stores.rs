@@ -38,16 +38,18 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Hash + Eq + Clone + Send + Sync,
 {
-    watch_indexed(api, config, consumers, None)
+    watch_indexed(api, config, consumers, None, |_| {})
 }
 
-/// [`watch`], keeping `index` up to date with the cache: the index sees each event just before
-/// the cache does, so an object a trigger announces is in both.
+/// [`watch`], with `trim` applied to every object before it is cached (to drop fields no
+/// reconciler reads), and `index` kept up to date with the cache: the index sees each event
+/// just before the cache does, so an object a trigger announces is in both.
 pub fn watch_indexed<K>(
     api: Api<K>,
     config: watcher::Config,
     consumers: usize,
     index: Option<Index<K>>,
+    trim: fn(&mut K),
 ) -> Watched<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -63,7 +65,10 @@ where
     // collect one entry per writer): drop them before they reach the cache.
     let stream = watcher(api, config)
         .default_backoff()
-        .modify(|object| object.meta_mut().managed_fields = None)
+        .modify(move |object| {
+            object.meta_mut().managed_fields = None;
+            trim(object);
+        })
         .inspect_ok(move |event| {
             if let Some(index) = &index {
                 index.apply(event);
