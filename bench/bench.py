@@ -74,6 +74,11 @@ def sh(*args, **kw):
 # A small client for the API server (admin certificate) and for the registry.
 
 
+class Busy(RuntimeError):
+    """The API server answered 429 or 5xx: overloaded (its watch cache behind etcd, say); try
+    again later."""
+
+
 class Kube:
     def __init__(self, cluster_dir):
         env = dict(
@@ -137,6 +142,8 @@ class Kube:
 
     def must(self, method, path, body=None, ok=(200, 201), **kw):
         status, payload = self.request(method, path, body, **kw)
+        if status not in ok and (status == 429 or status >= 500):
+            raise Busy(f"{method} {path}: HTTP {status}: {json.dumps(payload)[:400]}")
         if status not in ok:
             raise RuntimeError(f"{method} {path}: HTTP {status}: {json.dumps(payload)[:400]}")
         return payload
@@ -617,7 +624,11 @@ class Bench:
         check = start_action()
         status, last = "converged", 0.0
         while True:
-            done, progress = check()
+            try:
+                done, progress = check()
+            except Busy as err:
+                # A convergence poll is no reason to end the run: the next one may get through.
+                done, progress = False, f"API server busy: {str(err)[-200:]}"
             if done:
                 break
             if time.time() - last > 10:

@@ -38,8 +38,8 @@ pub struct NodeReconciler {
     pub expectations: Expectations,
 }
 
-/// How long a pass waits for the pod cache to show the worker pods it created before it runs
-/// anyway (someone else may have deleted one before the watch saw it).
+/// How long a pass waits for the caches to show the worker pods (or the NodeModulesConfig) it
+/// created before it runs anyway (someone else may have deleted one before the watch saw it).
 const CREATED_POD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a pass waits for the NodeModulesConfig cache to reach the resourceVersion of its own
 /// last write. Any later change, or a relist, brings a higher one, so this only guards against
@@ -111,8 +111,13 @@ impl Expectations {
             .unwrap_or_default();
         let nmc_seen = match (expected.nmc_version, nmc.map(version_number)) {
             (Some(want), Some(Some(have))) => have >= want,
-            // Gone (the node went), or a resourceVersion that is not a number: nothing to wait for.
-            (Some(_), None | Some(None)) | (None, _) => true,
+            // Written (created) by an earlier pass, not in the cache yet: the watch lags, and
+            // planning now would create it again (409). Only this reconciler's owner, the Node,
+            // removes an NMC (garbage collection of a deleted node, possibly recreated under the
+            // same name), hence the short wait.
+            (Some(_), None) => waited > CREATED_POD_TIMEOUT,
+            // A resourceVersion that is not a number: nothing to compare.
+            (Some(_), Some(None)) | (None, _) => true,
         };
         let pods_seen = expected
             .created
