@@ -40,7 +40,7 @@ pub struct NodeReconciler {
 
 /// How long a pass waits for the caches to show the worker pods (or the NodeModulesConfig) it
 /// created before it runs anyway (someone else may have deleted one before the watch saw it).
-const CREATED_POD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const CREATED_OBJECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a pass waits for the NodeModulesConfig cache to reach the resourceVersion of its own
 /// last write. Any later change, or a relist, brings a higher one, so this only guards against
 /// a watch that stopped altogether.
@@ -115,7 +115,7 @@ impl Expectations {
             // planning now would create it again (409). Only this reconciler's owner, the Node,
             // removes an NMC (garbage collection of a deleted node, possibly recreated under the
             // same name), hence the short wait.
-            (Some(_), None) => waited > CREATED_POD_TIMEOUT,
+            (Some(_), None) => waited > CREATED_OBJECT_TIMEOUT,
             // A resourceVersion that is not a number: nothing to compare.
             (Some(_), Some(None)) | (None, _) => true,
         };
@@ -124,7 +124,7 @@ impl Expectations {
             .iter()
             .all(|(ns, name)| pods.get(&ObjectRef::new(name).within(ns)).is_some());
         let met = (nmc_seen || waited > NMC_VERSION_TIMEOUT)
-            && (pods_seen || waited > CREATED_POD_TIMEOUT);
+            && (pods_seen || waited > CREATED_OBJECT_TIMEOUT);
         if met {
             if !(nmc_seen && pods_seen) {
                 tracing::debug!(
@@ -412,18 +412,15 @@ async fn apply_nmc_plan(
             .create(&PostParams::default(), pod)
             .await
         {
+            Ok(_) => {}
             // AlreadyExists: the pod is there and the cache has not shown it yet (an earlier
             // pass created it and the wait for it ran out). Wait for it like for our own, or
             // every pass until the watch catches up repeats the create.
-            Ok(_) => this
-                .expectations
-                .created_pod(&name, &namespace, &pod.name_any()),
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                this.expectations
-                    .created_pod(&name, &namespace, &pod.name_any())
-            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
             Err(err) => return Err(err.into()),
         }
+        this.expectations
+            .created_pod(&name, &namespace, &pod.name_any());
     }
     for pod in &plan.delete {
         let api = Api::<Pod>::namespaced(client.clone(), &pod.namespace);
